@@ -1,0 +1,249 @@
+"""Flat, typed, validated configs: one shared base and one class per method.
+
+Every field maps one-to-one onto a key of `adapter_config.json` (and of the YAML configs in `configs/`).
+`__post_init__` rejects bad values with a `ValueError` that names the field and says what to do.
+Equations and defaults: docs/methods.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft.config import PeftConfig
+
+from ._registration import ensure_peft_type
+
+ROUTER_GRANULARITIES = ("linear", "block")
+
+
+def _bad(field_name: str, value, fix: str) -> ValueError:
+    return ValueError(f"{field_name}={value!r} is invalid: {fix}")
+
+
+@dataclass
+class MoELoraConfig(PeftConfig):
+    """Fields shared by every token-routed mixture of LoRA experts.
+
+    Args:
+        r: rank of each LoRA expert.
+        lora_alpha: LoRA scaling numerator; an expert's delta is scaled by `lora_alpha / r`.
+        lora_dropout: dropout on the experts' input (the router always sees the undropped input).
+        target_modules: names (suffix match) or a regex of the `nn.Linear` modules to adapt.
+        exclude_modules: names or a regex of modules never to adapt.
+        num_experts: experts per routed layer.
+        top_k: experts chosen per token.
+        router_aux_loss_coef: weight of the load-balancing loss (0 disables it).
+        router_z_loss_coef: weight of the router z-loss (ST-MoE; 0 disables it).
+        router_granularity: "linear" gives every adapted linear its own router; "block" gives one router
+            per parent block (e.g. a Llama MLP), reading the block's input and shared by its gate/up/down
+            projections, as LLaVA-MoLE and MixLoRA do.
+        init_lora_weights: B starts at zero so a new adapter is a no-op; set False only for tests.
+    """
+
+    r: int = field(default=8, metadata={"help": "Rank of each LoRA expert."})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; scaling = lora_alpha / r."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the experts' input."})
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Module names (suffix match) or a regex of nn.Linear layers to adapt."}
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Module names or a regex to exclude."}
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Only adapt these layer indices."}
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Name of the layer list, used with layers_to_transform."}
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Modules trained in full and saved with the adapter."}
+    )
+    target_parameters: Optional[list[str]] = field(
+        default=None, metadata={"help": "Not supported yet: fused 3-D expert parameters come in a later release."}
+    )
+    num_experts: int = field(default=4, metadata={"help": "LoRA experts per routed layer."})
+    top_k: int = field(default=1, metadata={"help": "Experts chosen per token."})
+    router_aux_loss_coef: float = field(default=0.01, metadata={"help": "Load-balancing loss weight."})
+    router_z_loss_coef: float = field(default=0.0, metadata={"help": "Router z-loss weight."})
+    router_granularity: Literal["linear", "block"] = field(
+        default="linear", metadata={"help": "'linear': a router per adapted linear; 'block': one per parent block."}
+    )
+    init_lora_weights: bool = field(default=True, metadata={"help": "B = 0 at init (adapter starts as a no-op)."})
+
+    # the PeftType name this config registers as; set by each subclass
+    _method = "MOELORA"
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = ensure_peft_type(self._method)
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        self._validate()
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / self.r
+
+    def _validate(self) -> None:
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise _bad("r", self.r, "the rank of each expert must be a positive integer, e.g. r=8.")
+        if not isinstance(self.num_experts, int) or self.num_experts < 1:
+            raise _bad("num_experts", self.num_experts, "use a positive integer, e.g. num_experts=4.")
+        if not isinstance(self.top_k, int) or self.top_k < 1:
+            raise _bad("top_k", self.top_k, "use a positive integer, e.g. top_k=1.")
+        if self.top_k > self.num_experts + self._num_null_experts():
+            raise _bad(
+                "top_k", self.top_k, f"top_k cannot exceed the number of experts ({self.num_experts}); lower top_k."
+            )
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise _bad("lora_dropout", self.lora_dropout, "use a probability in [0, 1).")
+        for name in ("router_aux_loss_coef", "router_z_loss_coef"):
+            if getattr(self, name) < 0:
+                raise _bad(name, getattr(self, name), "loss coefficients must be >= 0 (0 disables the loss).")
+        if self.router_granularity not in ROUTER_GRANULARITIES:
+            raise _bad("router_granularity", self.router_granularity, f"use one of {ROUTER_GRANULARITIES}.")
+        if self.target_parameters:
+            raise _bad(
+                "target_parameters",
+                self.target_parameters,
+                "targeting fused 3-D expert parameters is not supported yet; target nn.Linear modules with "
+                "target_modules instead.",
+            )
+
+    def _num_null_experts(self) -> int:
+        return 0
+
+
+@dataclass
+class MoLEConfig(MoELoraConfig):
+    """MoLE: sparse top-k (top-1 by default) mixture of LoRA experts (LLaVA-MoLE), with optional null experts
+    (AdaMoE) and top-p dynamic routing.
+
+    Args:
+        top1_weight: with top_k=1, "straight_through" multiplies the expert output by
+            onehot(e*) - sg(p) + p (value 1, gradient reaches the router; LLaVA-MoLE's released code
+            multiplies by a constant 1, which starves the router); "prob" scales by p (Switch).
+            With top_k > 1 the weights are the softmax renormalized over the chosen experts (Mixtral, MixLoRA).
+        eval_routing: "topk" routes as in training; "dense" mixes all experts by p at eval time
+            (what LLaVA-MoLE's released inference does).
+        router_bias: the router linear has a bias (LLaVA-MoLE: yes).
+        num_null_experts: AdaMoE null experts that output zero; top_k then counts real and null picks.
+        top_p: if set, keep the most probable experts until their cumulative probability exceeds top_p
+            ("Harder Tasks Need More Experts"), capped at top_k; weights are the raw probabilities.
+        router_entropy_loss_coef: weight of the mean router entropy (used with top_p).
+    """
+
+    router_granularity: Literal["linear", "block"] = field(
+        default="block", metadata={"help": "'block' (LLaVA-MoLE, MixLoRA) or 'linear'."}
+    )
+    top1_weight: Literal["straight_through", "prob"] = field(
+        default="straight_through", metadata={"help": "How a top-1 pick weights its expert."}
+    )
+    eval_routing: Literal["topk", "dense"] = field(default="topk", metadata={"help": "Routing in eval mode."})
+    router_bias: bool = field(default=True, metadata={"help": "Router linear has a bias."})
+    num_null_experts: int = field(default=0, metadata={"help": "AdaMoE null experts (output zero)."})
+    top_p: Optional[float] = field(default=None, metadata={"help": "Top-p dynamic routing threshold."})
+    router_entropy_loss_coef: float = field(default=0.0, metadata={"help": "Router entropy loss weight."})
+
+    _method = "MOLE"
+
+    def _num_null_experts(self) -> int:
+        return self.num_null_experts if isinstance(self.num_null_experts, int) else 0
+
+    def _validate(self) -> None:
+        super()._validate()
+        if self.top1_weight not in ("straight_through", "prob"):
+            raise _bad("top1_weight", self.top1_weight, "use 'straight_through' or 'prob'.")
+        if self.eval_routing not in ("topk", "dense"):
+            raise _bad("eval_routing", self.eval_routing, "use 'topk' or 'dense'.")
+        if not isinstance(self.num_null_experts, int) or self.num_null_experts < 0:
+            raise _bad("num_null_experts", self.num_null_experts, "use an integer >= 0.")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise _bad("top_p", self.top_p, "use a probability in (0, 1], or None for plain top-k routing.")
+        if self.top_p is not None and self.num_null_experts:
+            raise _bad("top_p", self.top_p, "top-p routing and null experts cannot be combined; drop one of them.")
+        if self.router_entropy_loss_coef < 0:
+            raise _bad("router_entropy_loss_coef", self.router_entropy_loss_coef, "use a value >= 0.")
+
+
+@dataclass
+class LoRAMoEConfig(MoELoraConfig):
+    """LoRAMoE: dense softmax routing over all experts of each linear, with the localized balancing
+    constraint (LBC) driven by per-sample types passed as `sample_types` ([batch] long; 1 = world
+    knowledge, favouring the first half of the experts; 0 = downstream task, favouring the second half).
+
+    Args:
+        blc_alpha: delta of the LBC coefficient matrix I (1 + delta in a sample's half, 1 - delta outside).
+        blc_weight: weight of the LBC loss. The released script sets both to 0 (constraint off); our
+            defaults (0.1, 0.1) turn it on.
+    """
+
+    num_experts: int = field(default=8, metadata={"help": "Experts per linear (released: 8)."})
+    top_k: Optional[int] = field(default=None, metadata={"help": "Dense: always num_experts."})
+    r: int = field(default=4, metadata={"help": "Rank of each expert (released: 4)."})
+    lora_alpha: float = field(default=32.0, metadata={"help": "Released: 32."})
+    router_aux_loss_coef: float = field(default=0.0, metadata={"help": "Switch balance loss (off: LoRAMoE uses LBC)."})
+    blc_alpha: float = field(default=0.1, metadata={"help": "LBC delta."})
+    blc_weight: float = field(default=0.1, metadata={"help": "LBC loss weight."})
+
+    _method = "LORAMOE"
+
+    def __post_init__(self):
+        if self.top_k is None:
+            self.top_k = self.num_experts if isinstance(self.num_experts, int) else 1
+        super().__post_init__()
+
+    def _validate(self) -> None:
+        super()._validate()
+        if self.top_k != self.num_experts:
+            raise _bad("top_k", self.top_k, f"LoRAMoE routes densely; leave top_k unset or set it to {self.num_experts}.")
+        if self.router_granularity != "linear":
+            raise _bad("router_granularity", self.router_granularity, "LoRAMoE has a router per linear: use 'linear'.")
+        if not 0.0 <= self.blc_alpha < 1.0:
+            raise _bad("blc_alpha", self.blc_alpha, "use a value in [0, 1).")
+        if self.blc_weight < 0:
+            raise _bad("blc_weight", self.blc_weight, "use a value >= 0 (0 disables the constraint).")
+
+
+@dataclass
+class SMoRAConfig(MoELoraConfig):
+    """SMoRA: one LoRA of rank r whose every rank is a rank-1 expert; each token activates top_k ranks.
+
+    Scores s = sigmoid(W_g x); selection uses s + b, where b is a per-rank bias buffer updated once per
+    optimizer step (loss-free balancing, DeepSeek-V3 style) from padding-masked counts all-reduced over
+    data-parallel ranks; b never enters the gate values. Gate g_i = k * s_i / sum_selected s_j; the delta
+    is scaled by lora_alpha / k.
+
+    Args:
+        bias_update_rate: u in b_i += u * sign(mean_count - count_i) (released: 1e-5).
+    """
+
+    r: int = field(default=64, metadata={"help": "Total rank = number of rank-1 experts (released: 64)."})
+    top_k: int = field(default=8, metadata={"help": "Ranks active per token (released: 8)."})
+    num_experts: Optional[int] = field(default=None, metadata={"help": "Always r (each rank is an expert)."})
+    lora_alpha: float = field(default=16.0, metadata={"help": "Scaling is lora_alpha / top_k (released: 16)."})
+    router_aux_loss_coef: float = field(default=0.0, metadata={"help": "Off: SMoRA balances with the bias."})
+    bias_update_rate: float = field(default=1e-5, metadata={"help": "Loss-free balancing step u."})
+
+    _method = "SMORA"
+
+    def __post_init__(self):
+        if self.num_experts is None:
+            self.num_experts = self.r
+        super().__post_init__()
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / self.top_k
+
+    def _validate(self) -> None:
+        if self.num_experts != self.r:
+            raise _bad("num_experts", self.num_experts, f"in SMoRA every rank is an expert: leave it unset or use r={self.r}.")
+        super()._validate()
+        if self.router_granularity != "linear":
+            raise _bad("router_granularity", self.router_granularity, "SMoRA has a router per linear: use 'linear'.")
+        if self.bias_update_rate < 0:
+            raise _bad("bias_update_rate", self.bias_update_rate, "use a value >= 0 (0 disables balancing).")

@@ -1,0 +1,96 @@
+"""Per-batch routing inputs shared by a tuner and its layers, and the plumbing that makes router losses
+reach the gradient in every training setup.
+
+Why not just add the router loss to `outputs.loss`? Under reentrant gradient checkpointing
+(`use_reentrant=True`, the default of many stacks) the first forward runs under `no_grad`, so a loss
+stashed during it has no graph, and the router gets no gradient from it. Instead:
+
+* each routed layer attaches its weighted loss to a tensor on the forward path with
+  `attach_router_loss` (identity forward); in backward it hands the loss a gradient equal to the
+  gradient that reached the reported router loss (`loss_grad_scale`). Recomputed checkpoint segments
+  re-attach it, so it works with and without checkpointing;
+* the tuner reports `router_loss = value + probe`, where `probe` is a zero-valued scalar whose backward
+  records d(total)/d(router_loss) into the context. It runs first in backward (highest sequence
+  number), so gradient accumulation's 1/N and fp16 loss scaling apply to router losses as to the task loss.
+
+A loss that does not include `router_loss` gives the routers no auxiliary gradient at all.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+class RoutingContext:
+    """What the current batch tells the layers: padding mask, sample types, and the loss gradient scale.
+
+    One object per tuner; the tuner fills it at each forward and keeps it until the next one, because
+    reentrant checkpointing recomputes layers during backward, after the forward has returned.
+    """
+
+    def __init__(self):
+        self.attention_mask: Optional[torch.Tensor] = None  # [B, S_total]
+        self.sample_types: Optional[torch.Tensor] = None  # [B]
+        self.loss_grad_scale: Optional[torch.Tensor] = None  # 0-d, set in backward by the probe
+        self.forward_id: int = 0
+        self.last_router_loss: Optional[torch.Tensor] = None  # what the tuner reported for the latest forward
+        self.sticky_sample_types: Optional[torch.Tensor] = None  # held for every step of a generate() call
+
+    def start_forward(self, attention_mask=None, sample_types=None) -> None:
+        self.attention_mask = attention_mask
+        self.sample_types = sample_types
+        self.loss_grad_scale = None
+        self.forward_id += 1
+
+    def token_mask(self, lead_shape: torch.Size) -> Optional[torch.Tensor]:
+        """Flattened [T] bool mask of non-padding tokens for a layer input with leading dims lead_shape.
+
+        With a KV cache the layers see only the last S positions of the [B, S_total] mask.
+        Returns None (all tokens count) when no mask applies to this shape.
+        """
+        mask = self.attention_mask
+        if mask is None or mask.dim() != 2 or len(lead_shape) != 2:
+            return None
+        batch, seq = lead_shape
+        if mask.shape[0] != batch or mask.shape[1] < seq:
+            return None
+        return mask[:, -seq:].reshape(-1).bool()  # [B, S] -> [T]
+
+
+class _AttachRouterLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, loss, routing_ctx):
+        ctx.routing_ctx = routing_ctx
+        return hidden.view_as(hidden)
+
+    @staticmethod
+    def backward(ctx, grad):
+        scale = ctx.routing_ctx.loss_grad_scale
+        return grad, (None if scale is None else scale.to(torch.float32).reshape(())), None
+
+
+class _RouterLossProbe(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, anchor, routing_ctx, num_layers):
+        ctx.routing_ctx, ctx.num_layers = routing_ctx, num_layers
+        return torch.zeros((), dtype=torch.float32, device=anchor.device)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # router_loss = mean over layers of each layer's weighted loss: each gets 1 / num_layers of it
+        ctx.routing_ctx.loss_grad_scale = grad.detach() / ctx.num_layers
+        return None, None, None
+
+
+def attach_router_loss(hidden: torch.Tensor, loss: Optional[torch.Tensor], routing_ctx: RoutingContext) -> torch.Tensor:
+    """Identity on `hidden`; in backward, `loss` receives the router-loss gradient scale."""
+    if loss is None or not loss.requires_grad or not torch.is_grad_enabled():
+        return hidden
+    return _AttachRouterLoss.apply(hidden, loss, routing_ctx)
+
+
+def router_loss_probe(anchor: torch.Tensor, routing_ctx: RoutingContext, num_layers: int) -> torch.Tensor:
+    """A zero-valued scalar connected to the graph through `anchor` (any trainable parameter)."""
+    return _RouterLossProbe.apply(anchor, routing_ctx, num_layers)

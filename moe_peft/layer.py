@@ -1,0 +1,249 @@
+"""The tuner layer: a frozen base `nn.Linear`, a stacked bank of LoRA experts, and (unless the router
+belongs to the parent block) a router.
+
+    y = W x + scaling * sum_j w[t, j] * B_{idx[t, j]} A_{idx[t, j]} dropout(x)      (one call to the op)
+
+Experts are stored stacked per layer, A `[E, r, in]` and B `[E, out, r]`, never one module per expert.
+Each method gets a subclass that only renames the adapter attributes after its PEFT prefix
+(`mole_A`, `loramoe_router`, ...), because PEFT finds adapter weights by attribute name.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+from .config import MoELoraConfig
+from .context import RoutingContext, attach_router_loss
+from .methods import RouterRecord, build_router, expert_bank_shape, is_mergeable, router_loss_and_stats
+from .ops import apply_lora_experts
+from .routers import Routing
+
+
+class MoELoraLinear(nn.Module, BaseTunerLayer):
+    prefix = "moe_"
+    adapter_layer_names = ("moe_A", "moe_B", "moe_router")
+    other_param_names = ("moe_dropout", "moe_config", "scaling")
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: MoELoraConfig, routing_ctx: RoutingContext):
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(
+                f"{type(self).__name__} wraps nn.Linear only, got {type(base_layer).__name__}; remove this module "
+                "from target_modules (fused 3-D expert parameters are not supported yet)."
+            )
+        self.base_layer = base_layer
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        name_a, name_b, name_router = self.adapter_layer_names
+        setattr(self, name_a, nn.ParameterDict())
+        setattr(self, name_b, nn.ParameterDict())
+        setattr(self, name_router, nn.ModuleDict())
+        setattr(self, self.other_param_names[0], nn.ModuleDict())
+        setattr(self, self.other_param_names[1], {})
+        setattr(self, self.other_param_names[2], {})
+        self.merged_adapters = []
+        self._disable_adapters = False
+        self._active_adapter = adapter_name
+        self._routing_ctx = routing_ctx
+        # block granularity: which layer owns the router of each adapter (self for "linear")
+        self._router_owner: dict[str, MoELoraLinear] = {}
+        self._block_routing: dict[str, Routing] = {}  # set by the parent block's pre-hook
+        self.router_records: dict[str, RouterRecord] = {}
+        self.update_layer(adapter_name, config)
+
+    # -- named views of the prefixed attributes ------------------------------------------------------
+    @property
+    def experts_A(self) -> nn.ParameterDict:
+        return getattr(self, self.adapter_layer_names[0])
+
+    @property
+    def experts_B(self) -> nn.ParameterDict:
+        return getattr(self, self.adapter_layer_names[1])
+
+    @property
+    def routers(self) -> nn.ModuleDict:
+        return getattr(self, self.adapter_layer_names[2])
+
+    @property
+    def dropouts(self) -> nn.ModuleDict:
+        return getattr(self, self.other_param_names[0])
+
+    @property
+    def scalings(self) -> dict[str, float]:
+        return getattr(self, self.other_param_names[2])
+
+    @property
+    def configs(self) -> dict[str, MoELoraConfig]:
+        return getattr(self, self.other_param_names[1])
+
+    # -- adapter management --------------------------------------------------------------------------
+    def update_layer(self, adapter_name: str, config: MoELoraConfig, inference_mode: bool = False) -> None:
+        num_experts, rank = expert_bank_shape(config)
+        self.configs[adapter_name] = config
+        self.scalings[adapter_name] = config.scaling
+        self.dropouts[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.experts_A[adapter_name] = nn.Parameter(torch.empty(num_experts, rank, self.in_features))  # [E, r, in]
+        self.experts_B[adapter_name] = nn.Parameter(torch.empty(num_experts, self.out_features, rank))  # [E, out, r]
+        if config.router_granularity == "linear":
+            self.routers[adapter_name] = build_router(config, self.in_features)
+            self._router_owner[adapter_name] = self
+        self.reset_parameters(adapter_name, config.init_lora_weights)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def add_block_router(self, adapter_name: str, config: MoELoraConfig) -> None:
+        """Make this layer the router owner of its block (router_granularity="block")."""
+        if adapter_name not in self.routers:
+            self.routers[adapter_name] = build_router(config, self.in_features)
+            self._move_adapter_to_device_of_base_layer(adapter_name)
+            self.set_adapter(self.active_adapters)
+
+    @torch.no_grad()
+    def reset_parameters(self, adapter_name: str, init_lora_weights: bool = True) -> None:
+        a, b = self.experts_A[adapter_name], self.experts_B[adapter_name]
+        num_experts, rank, _ = a.shape
+        # Kaiming-uniform per expert, as PEFT's LoRA A (bound depends on fan_in = in only)
+        nn.init.kaiming_uniform_(a.view(num_experts * rank, self.in_features), a=math.sqrt(5))
+        if init_lora_weights:
+            nn.init.zeros_(b)  # a new adapter is a no-op
+        else:
+            nn.init.normal_(b, std=0.02)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        for d in (self._router_owner, self._block_routing, self.router_records):
+            d.pop(adapter_name, None)
+
+    # -- forward -------------------------------------------------------------------------------------
+    def route_block(self, hidden: torch.Tensor) -> Optional[torch.Tensor]:
+        """Called by the parent block's pre-hook: route the block input once for every adapter whose router
+        this layer owns, keep the decision for the block's layers, and return the loss to attach."""
+        if self.disable_adapters or self.merged:
+            return None
+        lead_shape, x = hidden.shape[:-1], hidden.reshape(-1, hidden.shape[-1])  # [..., in] -> [T, in]
+        total = None
+        for adapter in self.active_adapters:
+            owner = self._router_owner.get(adapter)
+            if owner is not self or adapter not in self.routers or self.configs[adapter].router_granularity != "block":
+                continue
+            if x.shape[-1] != self.in_features:
+                raise ValueError(
+                    f"router_granularity='block': the block input has {x.shape[-1]} features but the router of "
+                    f"adapter '{adapter}' reads {self.in_features} (it sits on the block's first adapted linear); "
+                    "put a linear that reads the block input first in target_modules, or use "
+                    "router_granularity='linear'."
+                )
+            routing = self.routers[adapter](x)
+            self._block_routing[adapter] = routing
+            loss = self._record(adapter, routing, lead_shape)
+            if loss is not None:
+                total = loss if total is None else total + loss
+        return total
+
+    def _record(self, adapter: str, routing: Routing, lead_shape: torch.Size) -> Optional[torch.Tensor]:
+        num_experts = self.experts_A[adapter].shape[0]
+        loss, record = router_loss_and_stats(
+            self.configs[adapter], routing, lead_shape, self._routing_ctx, num_experts, self.training
+        )
+        self.router_records[adapter] = record
+        return loss
+
+    def _routing(self, adapter: str, x: torch.Tensor, lead_shape: torch.Size) -> tuple[Routing, Optional[torch.Tensor]]:
+        owner = self._router_owner.get(adapter)
+        if owner is self and self.configs[adapter].router_granularity == "linear":
+            routing = self.routers[adapter](x)
+            return routing, self._record(adapter, routing, lead_shape)
+        routing = owner._block_routing.get(adapter) if owner is not None else None
+        if routing is None or routing.idx.shape[0] != x.shape[0]:
+            raise RuntimeError(
+                f"Adapter '{adapter}' routes per block, but no routing for these {x.shape[0]} tokens was computed by "
+                "the parent block; call the model through the PeftModel (not the bare linear), or use "
+                "router_granularity='linear'."
+            )
+        return routing, None
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters or self.merged:
+            return result
+        lead_shape = x.shape[:-1]
+        x_flat = x.reshape(-1, self.in_features)  # [..., in] -> [T, in]
+        if x_flat.shape[0] == 0:
+            return result
+        for adapter in self.active_adapters:
+            if adapter not in self.experts_A:
+                continue
+            routing, loss = self._routing(adapter, x_flat, lead_shape)
+            delta = apply_lora_experts(
+                self.dropouts[adapter](x_flat),
+                self.experts_A[adapter],
+                self.experts_B[adapter],
+                routing.idx,
+                routing.weights,
+                self.scalings[adapter],
+            )  # [T, out]
+            result = result + delta.reshape(*lead_shape, self.out_features).to(result.dtype)  # [T, out] -> [..., out]
+            result = attach_router_loss(result, loss, self._routing_ctx)
+        return result
+
+    # -- merging -------------------------------------------------------------------------------------
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        config = self.configs[adapter]
+        if not is_mergeable(config):
+            raise ValueError(
+                f"Adapter '{adapter}' routes every token to its own experts (num_experts={config.num_experts}), so "
+                "it is not one fixed weight and cannot be merged into the base layer. Keep it unmerged for "
+                "inference; only a single-expert adapter (num_experts=1, no null experts) merges exactly."
+            )
+        a, b = self.experts_A[adapter], self.experts_B[adapter]
+        return (b[0] @ a[0]) * self.scalings[adapter]  # [out, r] @ [r, in] -> [out, in]
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if not adapter_names:
+            return
+        for adapter in adapter_names:
+            if adapter not in self.experts_A:
+                continue
+            base = self.get_base_layer()
+            delta = self.get_delta_weight(adapter).to(base.weight.dtype)
+            if safe_merge:
+                merged = base.weight.data + delta
+                if not torch.isfinite(merged).all():
+                    raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
+                base.weight.data = merged
+            else:
+                base.weight.data += delta
+            self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            base = self.get_base_layer()
+            base.weight.data -= self.get_delta_weight(adapter).to(base.weight.dtype)
+
+    def __repr__(self) -> str:
+        return f"{self.prefix.rstrip('_')}." + super().__repr__()
+
+
+def _method_layer(class_name: str, prefix: str) -> type[MoELoraLinear]:
+    names = dict(
+        prefix=prefix,
+        adapter_layer_names=(f"{prefix}A", f"{prefix}B", f"{prefix}router"),
+        other_param_names=(f"{prefix}dropout", f"{prefix}config", f"{prefix}scaling"),
+        __module__=__name__,
+    )
+    return type(class_name, (MoELoraLinear,), names)
+
+
+MoLELinear = _method_layer("MoLELinear", "mole_")
+LoRAMoELinear = _method_layer("LoRAMoELinear", "loramoe_")
+SMoRALinear = _method_layer("SMoRALinear", "smora_")

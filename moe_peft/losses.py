@@ -1,0 +1,58 @@
+"""Router losses. Every function takes the statistics of the T non-padding tokens of one routed layer
+(padding never enters a router statistic) and returns a float32 scalar. Equations: docs/methods.md."""
+
+from __future__ import annotations
+
+import torch
+
+
+def switch_balance(probs: torch.Tensor, choice: torch.Tensor, num_null: int = 0) -> torch.Tensor:
+    """Switch / Mixtral load balance: L = E' * sum_e f_e * P_e (equals k at perfect balance).
+
+    probs [T, E'] softmax over all choices; choice [T, k] picks over E' (-1 = no pick).
+    f_e = fraction of tokens whose picks contain e, P_e = mean probability of e.
+    With AdaMoE null experts (the last `num_null` columns) their f and P are replaced by the null mean,
+    so the null pool counts as one load and the router may use nulls freely.
+    """
+    num_tokens, num_choices = probs.shape
+    valid = choice >= 0  # [T, k]
+    counts = torch.zeros(num_choices, device=probs.device, dtype=probs.dtype)
+    counts.scatter_add_(0, choice[valid], torch.ones_like(choice[valid], dtype=probs.dtype))  # [E']
+    f = counts / num_tokens  # [E'], no gradient (argmax)
+    p = probs.mean(dim=0)  # [E']
+    if num_null:
+        n = num_choices - num_null
+        f = torch.cat([f[:n], f[n:].mean().expand(num_null)])
+        p = torch.cat([p[:n], p[n:].mean().expand(num_null)])
+    return num_choices * (f * p).sum()
+
+
+def z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Router z-loss (ST-MoE, eq. 5): mean over tokens of logsumexp(logits)^2."""
+    return torch.logsumexp(logits, dim=-1).pow(2).mean()
+
+
+def entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Mean routing entropy -sum_i p_i log p_i (Dynamic MoE's L_entropy: pushes toward confident routing)."""
+    return -(probs * probs.clamp_min(1e-9).log()).sum(dim=-1).mean()
+
+
+def localized_balance(
+    weights: torch.Tensor, token_mask: torch.Tensor, sample_types: torch.Tensor, delta: float
+) -> torch.Tensor:
+    """LoRAMoE's localized balancing constraint (LoRAMoE code, peft/tuners/lora.py).
+
+    weights [B, S, N] dense routing weights, token_mask [B, S] (padding excluded, unlike the released
+    code), sample_types [B] (1: world knowledge -> first half of the experts; 0: task -> second half).
+    Q[b, i] = sum_t w_i; I[b, i] = 1 + delta in the sample's half else 1 - delta;
+    L = Var(I*Q) / (Mean(I*Q)^2 + 1e-10), torch's unbiased variance as in the released code.
+    """
+    num_experts = weights.shape[-1]
+    importance = (weights * token_mask.unsqueeze(-1)).sum(dim=1)  # [B, S, N] -> [B, N]
+    first_half = torch.arange(num_experts, device=weights.device) < num_experts // 2  # [N]
+    in_group = torch.where(sample_types.unsqueeze(-1) == 1, first_half, ~first_half)  # [B, N]
+    coef = torch.where(in_group, 1.0 + delta, 1.0 - delta)  # [B, N]
+    z = (coef * importance).flatten()  # [B*N]
+    if z.numel() < 2:
+        return z.sum() * 0.0
+    return z.var() / (z.mean().pow(2) + 1e-10)

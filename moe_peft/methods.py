@@ -1,0 +1,121 @@
+"""What differs between methods: the expert bank's shape, the router, and the loss terms.
+
+A method is a router plus a loss, not a new layer: the layer (layer.py) and the op (ops/) are shared.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import losses
+from .config import LoRAMoEConfig, MoELoraConfig, MoLEConfig, SMoRAConfig
+from .context import RoutingContext
+from .routers import DenseRouter, Routing, SMoRARouter, TopKRouter
+
+
+def expert_bank_shape(config: MoELoraConfig) -> tuple[int, int]:
+    """(number of experts E, rank of each expert r) of the stacked A [E, r, in] / B [E, out, r]."""
+    if isinstance(config, SMoRAConfig):
+        return config.r, 1  # every rank is a rank-1 expert
+    return config.num_experts, config.r
+
+
+def build_router(config: MoELoraConfig, in_features: int) -> nn.Module:
+    if isinstance(config, MoLEConfig):
+        return TopKRouter(
+            in_features,
+            config.num_experts,
+            config.top_k,
+            bias=config.router_bias,
+            num_null_experts=config.num_null_experts,
+            top_p=config.top_p,
+            top1_weight=config.top1_weight,
+            eval_routing=config.eval_routing,
+        )
+    if isinstance(config, LoRAMoEConfig):
+        return DenseRouter(in_features, config.num_experts)
+    if isinstance(config, SMoRAConfig):
+        return SMoRARouter(in_features, config.r, config.top_k)
+    raise TypeError(f"No router for config type {type(config).__name__}.")
+
+
+def is_mergeable(config: MoELoraConfig) -> bool:
+    """A routed adapter is one fixed LoRA only when a single expert always gets weight exactly 1."""
+    if isinstance(config, SMoRAConfig):
+        return False
+    return config.num_experts == 1 and getattr(config, "num_null_experts", 0) == 0
+
+
+@dataclass
+class RouterRecord:
+    """One routed layer's statistics from the latest forward (detached, for logging)."""
+
+    forward_id: int
+    loss: Optional[torch.Tensor]  # weighted sum of this layer's router losses (0-d), None in eval
+    load: torch.Tensor  # [E] fraction of (token, slot) picks per real expert
+    null_fraction: float  # fraction of (token, slot) pairs that hit a null expert (FLOPs saved)
+    counts: torch.Tensor  # [E] picks per real expert (SMoRA's bias update reads these)
+    num_tokens: int
+
+
+def _masked(routing: Routing, mask: Optional[torch.Tensor]) -> Routing:
+    if mask is None:
+        return routing
+    return Routing(
+        idx=routing.idx[mask],
+        weights=routing.weights[mask],
+        logits=routing.logits[mask],
+        probs=routing.probs[mask],
+        choice=None if routing.choice is None else routing.choice[mask],
+    )
+
+
+def router_loss_and_stats(
+    config: MoELoraConfig,
+    routing: Routing,
+    lead_shape: torch.Size,
+    ctx: RoutingContext,
+    num_experts: int,
+    training: bool,
+) -> tuple[Optional[torch.Tensor], RouterRecord]:
+    """Weighted router losses of one layer (padding excluded) and its statistics."""
+    mask = ctx.token_mask(lead_shape)  # [T] or None
+    r = _masked(routing, mask)
+    num_tokens = r.idx.shape[0]
+    valid = r.idx >= 0
+    counts = torch.bincount(r.idx[valid], minlength=num_experts)[:num_experts]  # [E]
+    picks = max(r.idx.numel(), 1)
+    record = RouterRecord(
+        forward_id=ctx.forward_id,
+        loss=None,
+        load=(counts.float() / picks).detach(),
+        null_fraction=float((~valid).sum()) / picks if getattr(config, "num_null_experts", 0) else 0.0,
+        counts=counts.detach(),
+        num_tokens=num_tokens,
+    )
+    if not training or num_tokens == 0:
+        return None, record
+
+    terms = []
+    if config.router_aux_loss_coef > 0:
+        num_null = getattr(config, "num_null_experts", 0)
+        terms.append(config.router_aux_loss_coef * losses.switch_balance(r.probs, r.choice, num_null))
+    if config.router_z_loss_coef > 0:
+        terms.append(config.router_z_loss_coef * losses.z_loss(r.logits))
+    if isinstance(config, MoLEConfig) and config.router_entropy_loss_coef > 0:
+        terms.append(config.router_entropy_loss_coef * losses.entropy(r.probs[:, : config.num_experts]))
+    if isinstance(config, LoRAMoEConfig) and config.blc_weight > 0 and ctx.sample_types is not None:
+        if len(lead_shape) == 2 and ctx.sample_types.shape[0] == lead_shape[0]:
+            token_mask = mask.view(lead_shape) if mask is not None else torch.ones(lead_shape, dtype=torch.bool, device=routing.weights.device)
+            weights = routing.weights.view(*lead_shape, -1)  # [T, N] -> [B, S, N]
+            lbc = losses.localized_balance(weights, token_mask, ctx.sample_types.to(weights.device), config.blc_alpha)
+            terms.append(config.blc_weight * lbc)
+    if not terms:
+        return None, record
+    loss = torch.stack(terms).sum()
+    record.loss = loss.detach()
+    return loss, record

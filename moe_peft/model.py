@@ -1,0 +1,322 @@
+"""The BaseTuner: finds the target linears, swaps in MoE-LoRA layers, carries per-batch routing inputs
+(padding mask, sample types) to them, and collects the router losses after each forward."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from torch import nn
+
+from .config import MoELoraConfig, SMoRAConfig
+from .context import RoutingContext, attach_router_loss, router_loss_probe
+from .layer import LoRAMoELinear, MoELoraLinear, MoLELinear, SMoRALinear
+
+_MLP = ["gate_proj", "up_proj", "down_proj"]
+_ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+# Default targets when target_modules is None. Sparse MoE models keep their experts in fused 3-D
+# parameters in transformers 5, so their default is the attention projections.
+DEFAULT_TARGET_MODULES = {
+    "llama": _MLP,
+    "mistral": _MLP,
+    "qwen2": _MLP,
+    "qwen3": _MLP,
+    "gemma": _MLP,
+    "gemma2": _MLP,
+    "llava": _MLP,
+    "mixtral": _ATTENTION,
+    "olmoe": _ATTENTION,
+    "qwen3_moe": _ATTENTION,
+}
+
+_HIDDEN_KWARGS = ("hidden_states", "x", "input")
+
+
+def _block_pre_hook(module: nn.Module, args: tuple, kwargs: dict):
+    """Route a block's input once for all of its adapted linears (router_granularity="block")."""
+    if args:
+        hidden, key = args[0], None
+    else:
+        key = next((k for k in _HIDDEN_KWARGS if k in kwargs), None)
+        if key is None:
+            raise RuntimeError(
+                f"router_granularity='block': cannot find the input of {type(module).__name__} (looked for a "
+                f"positional argument or one of {_HIDDEN_KWARGS}); use router_granularity='linear'."
+            )
+        hidden = kwargs[key]
+    total, ctx = None, None
+    for child in module.children():
+        if isinstance(child, MoELoraLinear):
+            loss = child.route_block(hidden)
+            ctx = child._routing_ctx
+            if loss is not None:
+                total = loss if total is None else total + loss
+    if total is None:
+        return None
+    hidden = attach_router_loss(hidden, total, ctx)
+    if key is None:
+        return (hidden,) + tuple(args[1:]), kwargs
+    return args, {**kwargs, key: hidden}
+
+
+class _GenerateWithRoutingInputs:
+    """Instance-level `generate` of the adapted model: transformers' generate() rejects keyword arguments its
+    forward does not declare, so routing inputs (sample_types) are held on the context for every step.
+    A callable object rather than a closure, so that copy.deepcopy of the model rebinds it to the copy."""
+
+    def __init__(self, model: nn.Module, routing_ctx: RoutingContext):
+        self.model, self.routing_ctx = model, routing_ctx
+
+    def __call__(self, *args: Any, sample_types: Optional[torch.Tensor] = None, **kwargs: Any):
+        self.routing_ctx.sticky_sample_types = sample_types
+        try:
+            return type(self.model).generate(self.model, *args, **kwargs)
+        finally:
+            self.routing_ctx.sticky_sample_types = None
+
+
+class MoELoraModel(BaseTuner):
+    """Shared tuner of every token-routed method; each method subclass sets `prefix` and `tuner_layer_cls`."""
+
+    prefix: str = "moe_"
+    tuner_layer_cls = MoELoraLinear
+    target_module_mapping = DEFAULT_TARGET_MODULES
+
+    # -- injection -----------------------------------------------------------------------------------
+    @property
+    def routing_ctx(self) -> RoutingContext:
+        ctx = self.__dict__.get("_moe_routing_ctx")
+        if ctx is None:
+            ctx = RoutingContext()
+            self.__dict__["_moe_routing_ctx"] = ctx
+        return ctx
+
+    def _create_and_replace(
+        self,
+        config: MoELoraConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs: Any,
+    ) -> None:
+        if isinstance(target, self.tuner_layer_cls):
+            target.update_layer(adapter_name, config)
+            return
+        if isinstance(target, BaseTunerLayer):
+            raise TypeError(f"{current_key} already holds a {type(target).__name__} from another PEFT method.")
+        if not isinstance(target, nn.Linear):
+            raise TypeError(
+                f"Target module {current_key} is a {type(target).__name__}; moe_peft adapts nn.Linear modules only. "
+                "Remove it from target_modules (or exclude it with exclude_modules)."
+            )
+        new_module = self.tuner_layer_cls(target, adapter_name, config, self.routing_ctx)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)  # an added adapter is not trainable until set_adapter
+        self._replace_module(parent, target_name, new_module, target)
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        if self.peft_config[adapter_name].router_granularity == "block":
+            self._setup_block_routing(adapter_name)
+
+    def _moe_layers(self):
+        for name, module in self.model.named_modules():
+            if isinstance(module, MoELoraLinear):
+                yield name, module
+
+    def _setup_block_routing(self, adapter_name: str) -> None:
+        """One router per parent block, owned by the block's first adapted linear, fed by a pre-hook."""
+        config = self.peft_config[adapter_name]
+        blocks: dict[str, list[MoELoraLinear]] = {}
+        for name, layer in self._moe_layers():
+            if adapter_name in layer.experts_A:
+                blocks.setdefault(name.rpartition(".")[0], []).append(layer)
+        hooks = self.__dict__.setdefault("_moe_block_hooks", {})
+        for parent_name, layers in blocks.items():
+            owner = layers[0]
+            owner.add_block_router(adapter_name, config)
+            for layer in layers:
+                layer._router_owner[adapter_name] = owner
+            if parent_name not in hooks:
+                parent = self.model.get_submodule(parent_name)
+                hooks[parent_name] = parent.register_forward_pre_hook(_block_pre_hook, with_kwargs=True)
+
+    def _remove_unused_block_hooks(self, remove_all: bool = False) -> None:
+        hooks = self.__dict__.get("_moe_block_hooks", {})
+        for parent_name in list(hooks):
+            try:
+                parent = self.model.get_submodule(parent_name)
+            except AttributeError:
+                parent = None
+            in_use = parent is not None and any(
+                isinstance(c, MoELoraLinear) and any(o is c for o in c._router_owner.values()) and len(c.routers)
+                for c in parent.children()
+            )
+            if remove_all or not in_use:
+                hooks.pop(parent_name).remove()
+
+    # -- adapter management --------------------------------------------------------------------------
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._remove_unused_block_hooks()
+
+    def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
+        if merge:
+            for _, layer in self._moe_layers():
+                for adapter in adapter_names or layer.active_adapters:
+                    if adapter in layer.configs:
+                        layer.get_delta_weight(adapter)  # raises for adapters that cannot be merged, before any change
+        self._remove_unused_block_hooks(remove_all=True)
+        self._remove_root_hooks()
+        return super()._unload_and_optionally_merge(
+            merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
+
+    # -- forward -------------------------------------------------------------------------------------
+    # The routing context is filled and the router loss added by hooks on the root model, not by
+    # overriding forward: PeftModel (no task type) calls the base model directly, PeftModelForCausalLM
+    # calls this tuner, generate() calls the root model once per step; the hooks see all of them.
+    def _post_injection_hook(self, model: nn.Module, config: MoELoraConfig, adapter_name: str) -> None:
+        if "_moe_root_hooks" not in self.__dict__:
+            self.__dict__["_moe_root_hooks"] = (
+                model.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True),
+                model.register_forward_hook(self._root_hook, with_kwargs=True),
+            )
+            if hasattr(model, "generate") and "generate" not in model.__dict__:
+                model.generate = _GenerateWithRoutingInputs(model, self.routing_ctx)
+
+    def _remove_root_hooks(self) -> None:
+        for handle in self.__dict__.pop("_moe_root_hooks", ()):
+            handle.remove()
+        if isinstance(self.model.__dict__.get("generate"), _GenerateWithRoutingInputs):
+            del self.model.__dict__["generate"]
+
+    def _root_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
+        ctx = self.routing_ctx
+        sample_types = kwargs.pop("sample_types", None)
+        if sample_types is None:
+            sample_types = ctx.sticky_sample_types
+        if sample_types is not None:
+            sample_types = torch.as_tensor(sample_types)
+            if sample_types.dim() != 1:
+                raise ValueError(f"sample_types must be a [batch] tensor of 0/1, got shape {tuple(sample_types.shape)}.")
+        attention_mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        if self.training:
+            update_router_biases(self, only_after_step=True)
+        ctx.start_forward(attention_mask if isinstance(attention_mask, torch.Tensor) else None, sample_types)
+        return args, kwargs
+
+    def _root_hook(self, module: nn.Module, args: tuple, kwargs: dict, outputs):
+        return self._finish_forward(outputs, kwargs.get("labels") is not None)
+
+    def _finish_forward(self, outputs, has_labels: bool):
+        ctx = self.routing_ctx
+        losses = []
+        anchor = None
+        for _, layer in self._moe_layers():
+            for adapter, record in layer.router_records.items():
+                if record.forward_id != ctx.forward_id:
+                    continue
+                if record.loss is not None:
+                    losses.append(record.loss)
+                    if anchor is None:
+                        anchor = next((p for p in layer.routers[adapter].parameters() if p.requires_grad), None)
+                if self.training and isinstance(layer.configs[adapter], SMoRAConfig):
+                    pending = layer.__dict__.setdefault("_pending_counts", {})
+                    pending[adapter] = pending.get(adapter, 0) + record.counts
+        if not losses:
+            ctx.last_router_loss = None
+            return outputs
+        router_loss = torch.stack([loss.float() for loss in losses]).mean()  # averaged over routed layers
+        if anchor is not None and torch.is_grad_enabled():
+            router_loss = router_loss + router_loss_probe(anchor, ctx, len(losses))
+        ctx.last_router_loss = router_loss
+        if isinstance(outputs, tuple):
+            if has_labels:
+                outputs = (outputs[0] + router_loss.to(outputs[0].dtype),) + tuple(outputs[1:])
+            return outputs
+        if getattr(outputs, "loss", None) is not None:
+            outputs.loss = outputs.loss + router_loss.to(outputs.loss.dtype)
+        outputs["router_loss"] = router_loss
+        return outputs
+
+
+def _tuner(model: nn.Module) -> MoELoraModel:
+    tuner = model if isinstance(model, MoELoraModel) else getattr(model, "base_model", None)
+    if not isinstance(tuner, MoELoraModel):
+        raise TypeError(f"Expected a PeftModel made from a moe_peft config, got {type(model).__name__}.")
+    return tuner
+
+
+def router_loss(model: nn.Module) -> Optional[torch.Tensor]:
+    """The weighted router loss of the latest forward (averaged over routed layers), or None.
+
+    Add it to a loss you compute yourself from the logits; `outputs.loss` already includes it.
+    """
+    return getattr(_tuner(model).routing_ctx, "last_router_loss", None)
+
+
+def routing_stats(model: nn.Module, adapter_name: Optional[str] = None) -> dict[str, dict[str, Any]]:
+    """Per routed layer, from the latest forward: expert load [E] (fraction of picks), null-expert fraction,
+    the layer's weighted router loss and the number of routed (non-padding) tokens."""
+    tuner = _tuner(model)
+    stats = {}
+    for name, layer in tuner._moe_layers():
+        for adapter, record in layer.router_records.items():
+            if adapter_name is not None and adapter != adapter_name:
+                continue
+            stats[name if adapter_name else f"{name}[{adapter}]"] = {
+                "load": record.load.tolist(),
+                "null_fraction": record.null_fraction,
+                "loss": None if record.loss is None else float(record.loss),
+                "tokens": record.num_tokens,
+            }
+    return stats
+
+
+@torch.no_grad()
+def update_router_biases(model: nn.Module, only_after_step: bool = False) -> None:
+    """SMoRA loss-free balancing: apply the expert counts gathered since the last update to the selection
+    biases, once per optimizer step.
+
+    The tuner calls this itself at the start of each training forward with only_after_step=True: it applies
+    the pending counts only when the router weights changed since the last forward (an optimizer step
+    happened), so gradient accumulation and gradient checkpointing do not update twice. Counts are
+    all-reduced across data-parallel ranks.
+    """
+    tuner = _tuner(model)
+    for _, layer in tuner._moe_layers():
+        pending = layer.__dict__.get("_pending_counts", {})
+        seen = layer.__dict__.setdefault("_seen_router_version", {})
+        for adapter, config in layer.configs.items():
+            if not isinstance(config, SMoRAConfig) or adapter not in layer.routers:
+                continue
+            router = layer.routers[adapter]
+            version = router.linear.weight._version
+            stepped = seen.get(adapter, version) != version
+            seen[adapter] = version
+            if adapter not in pending or (only_after_step and not stepped):
+                continue
+            counts = pending.pop(adapter).float()
+            if dist.is_available() and dist.is_initialized():
+                dist.all_reduce(counts)
+            router.update_bias(counts, config.bias_update_rate)
+
+
+class MoLEModel(MoELoraModel):
+    prefix = "mole_"
+    tuner_layer_cls = MoLELinear
+
+
+class LoRAMoEModel(MoELoraModel):
+    prefix = "loramoe_"
+    tuner_layer_cls = LoRAMoELinear
+
+
+class SMoRAModel(MoELoraModel):
+    prefix = "smora_"
+    tuner_layer_cls = SMoRALinear

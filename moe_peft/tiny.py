@@ -1,0 +1,53 @@
+"""Tiny models built from configs (no download): the demo, the tests and the examples use them."""
+
+from __future__ import annotations
+
+import torch
+
+
+def tiny_llama(vocab_size: int = 64, hidden_size: int = 64, num_layers: int = 2, intermediate_size: int = 128, seed: int = 0):
+    """A randomly initialized Llama causal LM small enough to train on a laptop CPU in a minute."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_llava(vocab_size: int = 64, hidden_size: int = 32, seed: int = 0):
+    """A LLaVA (CLIP vision tower + Llama language model) with 8x8 images of 4x4 patches."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    text = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=8, patch_size=4
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=vocab_size - 1,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(seed)
+    return LlavaForConditionalGeneration(config).eval()

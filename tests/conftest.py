@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny models built from configs and one table of method cases (a new router is one row)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+import moe_peft
+from moe_peft.tiny import tiny_llama
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+MLP = ["gate_proj", "up_proj", "down_proj"]
+VOCAB = 64
+
+
+def make_config(case: str, **overrides):
+    """The method x routing cases every contract test runs over."""
+    cases = {
+        "mole_block": lambda: moe_peft.MoLEConfig(r=4, num_experts=4, top_k=1, target_modules=MLP,
+                                                  router_z_loss_coef=1e-3),
+        "mole_linear_top2": lambda: moe_peft.MoLEConfig(r=4, num_experts=4, top_k=2, router_granularity="linear",
+                                                        target_modules=MLP + ["q_proj", "v_proj"]),
+        "mole_null": lambda: moe_peft.MoLEConfig(r=4, num_experts=4, top_k=2, num_null_experts=2, target_modules=MLP),
+        "mole_top_p": lambda: moe_peft.MoLEConfig(r=4, num_experts=4, top_k=3, top_p=0.5, target_modules=MLP,
+                                                  router_entropy_loss_coef=1e-2),
+        "loramoe": lambda: moe_peft.LoRAMoEConfig(r=4, num_experts=4, target_modules=MLP),
+        "smora": lambda: moe_peft.SMoRAConfig(r=8, top_k=2, target_modules=MLP, router_aux_loss_coef=1e-2),
+    }
+    config = cases[case]()
+    for k, v in overrides.items():
+        setattr(config, k, v)
+    return config
+
+
+CASES = ["mole_block", "mole_linear_top2", "mole_null", "mole_top_p", "loramoe", "smora"]
+
+
+@pytest.fixture
+def base():
+    return tiny_llama(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_layers=2, seed=0)
+
+
+@pytest.fixture
+def batch():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, VOCAB, (3, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[2, :3] = 0  # left padding in the last row
+    labels = ids.clone()
+    labels[mask == 0] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def randomize_experts(model, std: float = 0.1, seed: int = 1) -> None:
+    """Give B non-zero values so an adapter changes the output (B = 0 at init)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.split(".")[-2].endswith("_B"):
+                p.copy_(torch.randn(p.shape, generator=g) * std)

@@ -1,0 +1,123 @@
+"""The op's fast paths equal a naive per-token oracle: outputs and the gradients of x, A, B and w."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moe_peft.ops import apply_lora_experts, choose_torch_path
+from moe_peft.ops.reference import dense_gated, grouped, per_expert_loop
+
+
+def oracle(x, a, b, idx, w, scaling):
+    """y[t] = scaling * sum_j w[t, j] * B[idx[t, j]] @ (A[idx[t, j]] @ x[t]), one token at a time."""
+    rows = []
+    for t in range(x.shape[0]):
+        y = x.new_zeros(b.shape[1])
+        for j in range(idx.shape[1]):
+            e = int(idx[t, j])
+            if e >= 0:
+                y = y + w[t, j] * (b[e] @ (a[e] @ x[t]))
+        rows.append(y * scaling)
+    return torch.stack(rows)
+
+
+def make_inputs(T, d_in, d_out, E, r, k, null_frac=0.0, seed=0, unused_expert=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, d_in, generator=g, dtype=torch.float64)
+    a = torch.randn(E, r, d_in, generator=g, dtype=torch.float64) * 0.3
+    b = torch.randn(E, d_out, r, generator=g, dtype=torch.float64) * 0.3
+    hi = E - 1 if unused_expert and E > k else E  # the last expert receives no token
+    idx = torch.stack([torch.randperm(hi, generator=g)[:k] for _ in range(T)])
+    if null_frac:
+        idx[torch.rand(T, k, generator=g) < null_frac] = -1
+    w = torch.rand(T, k, generator=g, dtype=torch.float64)
+    return x, a, b, idx, w
+
+
+PATHS = {"dense": dense_gated, "grouped": grouped, "loop": per_expert_loop}
+
+
+@pytest.mark.parametrize("path", ["dense", "grouped", "loop"])
+@pytest.mark.parametrize("T,d_in,d_out,E,r,k,null_frac", [
+    (13, 7, 5, 4, 3, 1, 0.0),
+    (17, 6, 9, 5, 2, 2, 0.0),
+    (11, 8, 8, 6, 1, 3, 0.0),   # rank-1 experts (SMoRA)
+    (9, 5, 7, 4, 3, 2, 0.4),    # null experts
+    (1, 4, 4, 3, 2, 1, 0.0),    # a single token
+])
+def test_paths_match_oracle_outputs_and_grads(path, T, d_in, d_out, E, r, k, null_frac):
+    x, a, b, idx, w = make_inputs(T, d_in, d_out, E, r, k, null_frac)
+    fn = PATHS[path]
+    leaves = [t.clone().requires_grad_() for t in (x, a, b, w)]
+    ref_leaves = [t.clone().requires_grad_() for t in (x, a, b, w)]
+    y = fn(leaves[0], leaves[1], leaves[2], idx, leaves[3], 1.7)
+    y_ref = oracle(ref_leaves[0], ref_leaves[1], ref_leaves[2], idx, ref_leaves[3], 1.7)
+    torch.testing.assert_close(y, y_ref)
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    (y_ref * g).sum().backward()
+    for got, want, name in zip(leaves, ref_leaves, "xABw"):
+        torch.testing.assert_close(got.grad, want.grad, msg=f"grad of {name}")
+
+
+def test_unused_expert_still_gets_a_gradient_tensor():
+    # DDP must not need find_unused_parameters: every expert takes part in the graph
+    x, a, b, idx, w = make_inputs(10, 6, 6, 5, 2, 1, unused_expert=True)
+    for fn in (dense_gated, grouped):
+        a_, b_ = a.clone().requires_grad_(), b.clone().requires_grad_()
+        fn(x, a_, b_, idx, w, 1.0).sum().backward()
+        assert a_.grad is not None and b_.grad is not None
+        assert torch.count_nonzero(a_.grad[-1]) == 0  # the unused expert's gradient is exactly zero
+
+
+def test_null_slots_contribute_exactly_zero():
+    x, a, b, idx, w = make_inputs(6, 4, 4, 3, 2, 2)
+    idx[:] = -1
+    for fn in PATHS.values():
+        assert torch.count_nonzero(fn(x, a, b, idx, w, 1.0)) == 0
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "dense", "grouped"])
+def test_public_op_backends_agree(backend):
+    x, a, b, idx, w = make_inputs(12, 8, 6, 4, 3, 2)
+    x, a, b, w = x.float(), a.float(), b.float(), w.float()
+    y = apply_lora_experts(x, a, b, idx, w, 0.5, backend=backend)
+    torch.testing.assert_close(y, oracle(x, a, b, idx, w, 0.5), rtol=1e-5, atol=1e-5)
+
+
+def test_public_op_empty_and_dtype():
+    a, b = torch.randn(3, 2, 4), torch.randn(3, 5, 2)
+    y = apply_lora_experts(torch.randn(0, 4), a, b, torch.zeros(0, 1, dtype=torch.long), torch.zeros(0, 1), 1.0)
+    assert y.shape == (0, 5)
+    # bf16 activations with fp32 adapter weights: computed in the weights' dtype, as PEFT's LoRA does
+    y = apply_lora_experts(torch.randn(4, 4, dtype=torch.bfloat16), a, b, torch.zeros(4, 1, dtype=torch.long),
+                           torch.ones(4, 1), 1.0)
+    assert y.dtype == torch.float32
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(x=torch.randn(2, 3, 4)), "x must be"),
+    (dict(lora_B=torch.randn(3, 5, 7)), "does not match"),
+    (dict(expert_idx=torch.zeros(3, 1, dtype=torch.long)), "expert_idx must be"),
+    (dict(expert_weights=torch.ones(4, 2)), "must have the shape"),
+    (dict(backend="cuda"), "backend must be"),
+])
+def test_public_op_errors_name_the_argument(bad, match):
+    args = dict(x=torch.randn(4, 4), lora_A=torch.randn(3, 2, 4), lora_B=torch.randn(3, 5, 2),
+                expert_idx=torch.zeros(4, 1, dtype=torch.long), expert_weights=torch.ones(4, 1), scaling=1.0)
+    args.update(bad)
+    with pytest.raises(ValueError, match=match):
+        apply_lora_experts(**args)
+
+
+def test_triton_backend_is_a_clear_error_until_the_kernel_lands():
+    with pytest.raises(NotImplementedError, match="backend='torch'"):
+        apply_lora_experts(torch.randn(2, 4), torch.randn(3, 2, 4), torch.randn(3, 5, 2),
+                           torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1), 1.0, backend="triton")
+
+
+def test_path_choice_follows_the_cpu_measurement():
+    assert choose_torch_path(num_experts=8, rank=16, k=2) == "dense"
+    assert choose_torch_path(num_experts=64, rank=1, k=8) == "dense"  # SMoRA rank-1 experts
+    assert choose_torch_path(num_experts=32, rank=16, k=1) == "grouped"
