@@ -17,6 +17,7 @@ def fwd_bwd(fn, x, a, b, idx, w, reps=5):
     def once():
         y = fn(x, a, b, idx, w, 2.0)
         y.sum().backward()
+
     once()
     t0 = time.perf_counter()
     for _ in range(reps):
@@ -27,9 +28,21 @@ def fwd_bwd(fn, x, a, b, idx, w, reps=5):
 def main():
     torch.manual_seed(0)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    print(f"{'T':>5} {'d':>5} {'E':>3} {'r':>3} {'k':>2} | {'dense ms':>9} {'grouped ms':>10} {'loop ms':>8} | dense/loop grouped/loop")
+    print(
+        f"{'T':>5} {'d':>5} {'E':>3} {'r':>3} {'k':>2} | {'dense ms':>9} {'grouped ms':>10} {'loop ms':>8} | dense/loop grouped/loop"
+    )
     for T, d in [(2048, 512), (2048, 1024)]:
-        for E, r, k in [(4, 8, 1), (8, 16, 2), (8, 8, 1), (16, 16, 2), (16, 16, 1), (32, 8, 2), (32, 16, 1), (64, 8, 2), (64, 1, 8)]:
+        for E, r, k in [
+            (4, 8, 1),
+            (8, 16, 2),
+            (8, 8, 1),
+            (16, 16, 2),
+            (16, 16, 1),
+            (32, 8, 2),
+            (32, 16, 1),
+            (64, 8, 2),
+            (64, 1, 8),
+        ]:
             x = torch.randn(T, d, requires_grad=True)
             a = (torch.randn(E, r, d) * 0.02).requires_grad_()
             b = (torch.randn(E, d, r) * 0.02).requires_grad_()
@@ -39,7 +52,9 @@ def main():
             td = fwd_bwd(dense_gated, x, a, b, idx, w)
             tg = fwd_bwd(grouped, x, a, b, idx, w)
             tl = fwd_bwd(per_expert_loop, x, a, b, idx, w)
-            print(f"{T:>5} {d:>5} {E:>3} {r:>3} {k:>2} | {td:9.2f} {tg:10.2f} {tl:8.2f} | {td/tl:10.2f} {tg/tl:12.2f}")
+            print(
+                f"{T:>5} {d:>5} {E:>3} {r:>3} {k:>2} | {td:9.2f} {tg:10.2f} {tl:8.2f} | {td / tl:10.2f} {tg / tl:12.2f}"
+            )
 
 
 if __name__ == "__main__":

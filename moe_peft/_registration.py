@@ -19,8 +19,7 @@ def check_peft_version(version: str = peft.__version__) -> None:
     lo, hi = SUPPORTED_PEFT
     if not lo <= Version(v.base_version) < hi:
         raise ImportError(
-            f"moe_peft supports peft>={lo},<{hi} but peft {version} is installed; "
-            f"run `pip install 'peft>={lo},<{hi}'`."
+            f"moe_peft supports peft>={lo},<{hi} but peft {version} is installed; run `pip install 'peft>={lo},<{hi}'`."
         )
 
 
@@ -48,7 +47,10 @@ def register_methods(methods: dict[str, tuple[type, type]]) -> None:
     check_peft_version()
     for name, (config_cls, model_cls) in methods.items():
         peft_type = ensure_peft_type(name)
-        if PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type) is config_cls and PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type) is model_cls:
+        if (
+            PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type) is config_cls
+            and PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type) is model_cls
+        ):
             continue
         # a reload of moe_peft brings new class objects: replace the old entries instead of failing
         for table_name in ("PEFT_TYPE_TO_CONFIG_MAPPING", "PEFT_TYPE_TO_TUNER_MAPPING", "PEFT_TYPE_TO_PREFIX_MAPPING"):

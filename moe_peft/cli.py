@@ -11,7 +11,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train MoLE on a built-in tiny model and bundled data, save, reload, generate")
     demo.add_argument("--out", default="out/demo", help="where the base model and adapter are saved")
-    demo.add_argument("--steps", type=int, default=400)
+    demo.add_argument("--steps", type=int, default=2000)
     demo.add_argument("--batch-size", type=int, default=32)
     demo.add_argument("--lr", type=float, default=3e-3)
     demo.add_argument("--seed", type=int, default=0)

@@ -199,7 +199,9 @@ class LoRAMoEConfig(MoELoraConfig):
     def _validate(self) -> None:
         super()._validate()
         if self.top_k != self.num_experts:
-            raise _bad("top_k", self.top_k, f"LoRAMoE routes densely; leave top_k unset or set it to {self.num_experts}.")
+            raise _bad(
+                "top_k", self.top_k, f"LoRAMoE routes densely; leave top_k unset or set it to {self.num_experts}."
+            )
         if self.router_granularity != "linear":
             raise _bad("router_granularity", self.router_granularity, "LoRAMoE has a router per linear: use 'linear'.")
         if not 0.0 <= self.blc_alpha < 1.0:
@@ -241,7 +243,9 @@ class SMoRAConfig(MoELoraConfig):
 
     def _validate(self) -> None:
         if self.num_experts != self.r:
-            raise _bad("num_experts", self.num_experts, f"in SMoRA every rank is an expert: leave it unset or use r={self.r}.")
+            raise _bad(
+                "num_experts", self.num_experts, f"in SMoRA every rank is an expert: leave it unset or use r={self.r}."
+            )
         super()._validate()
         if self.router_granularity != "linear":
             raise _bad("router_granularity", self.router_granularity, "SMoRA has a router per linear: use 'linear'.")

@@ -110,7 +110,11 @@ def router_loss_and_stats(
         terms.append(config.router_entropy_loss_coef * losses.entropy(r.probs[:, : config.num_experts]))
     if isinstance(config, LoRAMoEConfig) and config.blc_weight > 0 and ctx.sample_types is not None:
         if len(lead_shape) == 2 and ctx.sample_types.shape[0] == lead_shape[0]:
-            token_mask = mask.view(lead_shape) if mask is not None else torch.ones(lead_shape, dtype=torch.bool, device=routing.weights.device)
+            token_mask = (
+                mask.view(lead_shape)
+                if mask is not None
+                else torch.ones(lead_shape, dtype=torch.bool, device=routing.weights.device)
+            )
             weights = routing.weights.view(*lead_shape, -1)  # [T, N] -> [B, S, N]
             lbc = losses.localized_balance(weights, token_mask, ctx.sample_types.to(weights.device), config.blc_alpha)
             terms.append(config.blc_weight * lbc)

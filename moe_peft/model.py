@@ -203,7 +203,9 @@ class MoELoraModel(BaseTuner):
         if sample_types is not None:
             sample_types = torch.as_tensor(sample_types)
             if sample_types.dim() != 1:
-                raise ValueError(f"sample_types must be a [batch] tensor of 0/1, got shape {tuple(sample_types.shape)}.")
+                raise ValueError(
+                    f"sample_types must be a [batch] tensor of 0/1, got shape {tuple(sample_types.shape)}."
+                )
         attention_mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         if self.training:
             update_router_biases(self, only_after_step=True)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 
-def tiny_llama(vocab_size: int = 64, hidden_size: int = 64, num_layers: int = 2, intermediate_size: int = 128, seed: int = 0):
+def tiny_llama(
+    vocab_size: int = 64, hidden_size: int = 64, num_layers: int = 2, intermediate_size: int = 128, seed: int = 0
+):
     """A randomly initialized Llama causal LM small enough to train on a laptop CPU in a minute."""
     from transformers import LlamaConfig, LlamaForCausalLM
 

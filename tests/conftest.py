@@ -21,13 +21,16 @@ VOCAB = 64
 def make_config(case: str, **overrides):
     """The method x routing cases every contract test runs over."""
     cases = {
-        "mole_block": lambda: moe_peft.MoLEConfig(r=4, num_experts=4, top_k=1, target_modules=MLP,
-                                                  router_z_loss_coef=1e-3),
-        "mole_linear_top2": lambda: moe_peft.MoLEConfig(r=4, num_experts=4, top_k=2, router_granularity="linear",
-                                                        target_modules=MLP + ["q_proj", "v_proj"]),
+        "mole_block": lambda: moe_peft.MoLEConfig(
+            r=4, num_experts=4, top_k=1, target_modules=MLP, router_z_loss_coef=1e-3
+        ),
+        "mole_linear_top2": lambda: moe_peft.MoLEConfig(
+            r=4, num_experts=4, top_k=2, router_granularity="linear", target_modules=MLP + ["q_proj", "v_proj"]
+        ),
         "mole_null": lambda: moe_peft.MoLEConfig(r=4, num_experts=4, top_k=2, num_null_experts=2, target_modules=MLP),
-        "mole_top_p": lambda: moe_peft.MoLEConfig(r=4, num_experts=4, top_k=3, top_p=0.5, target_modules=MLP,
-                                                  router_entropy_loss_coef=1e-2),
+        "mole_top_p": lambda: moe_peft.MoLEConfig(
+            r=4, num_experts=4, top_k=3, top_p=0.5, target_modules=MLP, router_entropy_loss_coef=1e-2
+        ),
         "loramoe": lambda: moe_peft.LoRAMoEConfig(r=4, num_experts=4, target_modules=MLP),
         "smora": lambda: moe_peft.SMoRAConfig(r=8, top_k=2, target_modules=MLP, router_aux_loss_coef=1e-2),
     }

@@ -10,27 +10,30 @@ from peft import PeftConfig
 import moe_peft
 
 
-@pytest.mark.parametrize("cls,kwargs,field", [
-    (moe_peft.MoLEConfig, dict(num_experts=4, top_k=5), "top_k"),
-    (moe_peft.MoLEConfig, dict(r=0), "r"),
-    (moe_peft.MoLEConfig, dict(r=-2), "r"),
-    (moe_peft.MoLEConfig, dict(num_experts=0), "num_experts"),
-    (moe_peft.MoLEConfig, dict(top_k=0), "top_k"),
-    (moe_peft.MoLEConfig, dict(router_granularity="expert"), "router_granularity"),
-    (moe_peft.MoLEConfig, dict(top1_weight="gumbel"), "top1_weight"),
-    (moe_peft.MoLEConfig, dict(eval_routing="sparse"), "eval_routing"),
-    (moe_peft.MoLEConfig, dict(top_p=1.5), "top_p"),
-    (moe_peft.MoLEConfig, dict(top_p=0.5, num_null_experts=1, top_k=2), "top_p"),
-    (moe_peft.MoLEConfig, dict(num_null_experts=-1), "num_null_experts"),
-    (moe_peft.MoLEConfig, dict(router_aux_loss_coef=-0.1), "router_aux_loss_coef"),
-    (moe_peft.MoLEConfig, dict(lora_dropout=1.0), "lora_dropout"),
-    (moe_peft.MoLEConfig, dict(target_parameters=["experts.gate_up_proj"]), "target_parameters"),
-    (moe_peft.LoRAMoEConfig, dict(num_experts=4, top_k=2), "top_k"),
-    (moe_peft.LoRAMoEConfig, dict(router_granularity="block"), "router_granularity"),
-    (moe_peft.LoRAMoEConfig, dict(blc_alpha=1.5), "blc_alpha"),
-    (moe_peft.SMoRAConfig, dict(r=16, num_experts=4), "num_experts"),
-    (moe_peft.SMoRAConfig, dict(r=4, top_k=8), "top_k"),
-])
+@pytest.mark.parametrize(
+    "cls,kwargs,field",
+    [
+        (moe_peft.MoLEConfig, dict(num_experts=4, top_k=5), "top_k"),
+        (moe_peft.MoLEConfig, dict(r=0), "r"),
+        (moe_peft.MoLEConfig, dict(r=-2), "r"),
+        (moe_peft.MoLEConfig, dict(num_experts=0), "num_experts"),
+        (moe_peft.MoLEConfig, dict(top_k=0), "top_k"),
+        (moe_peft.MoLEConfig, dict(router_granularity="expert"), "router_granularity"),
+        (moe_peft.MoLEConfig, dict(top1_weight="gumbel"), "top1_weight"),
+        (moe_peft.MoLEConfig, dict(eval_routing="sparse"), "eval_routing"),
+        (moe_peft.MoLEConfig, dict(top_p=1.5), "top_p"),
+        (moe_peft.MoLEConfig, dict(top_p=0.5, num_null_experts=1, top_k=2), "top_p"),
+        (moe_peft.MoLEConfig, dict(num_null_experts=-1), "num_null_experts"),
+        (moe_peft.MoLEConfig, dict(router_aux_loss_coef=-0.1), "router_aux_loss_coef"),
+        (moe_peft.MoLEConfig, dict(lora_dropout=1.0), "lora_dropout"),
+        (moe_peft.MoLEConfig, dict(target_parameters=["experts.gate_up_proj"]), "target_parameters"),
+        (moe_peft.LoRAMoEConfig, dict(num_experts=4, top_k=2), "top_k"),
+        (moe_peft.LoRAMoEConfig, dict(router_granularity="block"), "router_granularity"),
+        (moe_peft.LoRAMoEConfig, dict(blc_alpha=1.5), "blc_alpha"),
+        (moe_peft.SMoRAConfig, dict(r=16, num_experts=4), "num_experts"),
+        (moe_peft.SMoRAConfig, dict(r=4, top_k=8), "top_k"),
+    ],
+)
 def test_bad_values_raise_naming_the_field(cls, kwargs, field):
     with pytest.raises(ValueError, match=rf"^{field}="):
         cls(**kwargs)

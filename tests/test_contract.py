@@ -189,8 +189,7 @@ def test_generate_with_kv_cache_leaves_no_hook(case, base, batch):
     model.eval()
     hooks = n_hooks(model)
     ids = batch["input_ids"][:2, :5]
-    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
-                  pad_token_id=0)
+    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, pad_token_id=0)
     extra = {"sample_types": torch.tensor([1, 0])} if case == "loramoe" else {}
     with torch.no_grad():
         cached = model.generate(**kwargs, **extra, use_cache=True)

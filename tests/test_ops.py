@@ -39,13 +39,16 @@ PATHS = {"dense": dense_gated, "grouped": grouped, "loop": per_expert_loop}
 
 
 @pytest.mark.parametrize("path", ["dense", "grouped", "loop"])
-@pytest.mark.parametrize("T,d_in,d_out,E,r,k,null_frac", [
-    (13, 7, 5, 4, 3, 1, 0.0),
-    (17, 6, 9, 5, 2, 2, 0.0),
-    (11, 8, 8, 6, 1, 3, 0.0),   # rank-1 experts (SMoRA)
-    (9, 5, 7, 4, 3, 2, 0.4),    # null experts
-    (1, 4, 4, 3, 2, 1, 0.0),    # a single token
-])
+@pytest.mark.parametrize(
+    "T,d_in,d_out,E,r,k,null_frac",
+    [
+        (13, 7, 5, 4, 3, 1, 0.0),
+        (17, 6, 9, 5, 2, 2, 0.0),
+        (11, 8, 8, 6, 1, 3, 0.0),  # rank-1 experts (SMoRA)
+        (9, 5, 7, 4, 3, 2, 0.4),  # null experts
+        (1, 4, 4, 3, 2, 1, 0.0),  # a single token
+    ],
+)
 def test_paths_match_oracle_outputs_and_grads(path, T, d_in, d_out, E, r, k, null_frac):
     x, a, b, idx, w = make_inputs(T, d_in, d_out, E, r, k, null_frac)
     fn = PATHS[path]
@@ -91,21 +94,31 @@ def test_public_op_empty_and_dtype():
     y = apply_lora_experts(torch.randn(0, 4), a, b, torch.zeros(0, 1, dtype=torch.long), torch.zeros(0, 1), 1.0)
     assert y.shape == (0, 5)
     # bf16 activations with fp32 adapter weights: computed in the weights' dtype, as PEFT's LoRA does
-    y = apply_lora_experts(torch.randn(4, 4, dtype=torch.bfloat16), a, b, torch.zeros(4, 1, dtype=torch.long),
-                           torch.ones(4, 1), 1.0)
+    y = apply_lora_experts(
+        torch.randn(4, 4, dtype=torch.bfloat16), a, b, torch.zeros(4, 1, dtype=torch.long), torch.ones(4, 1), 1.0
+    )
     assert y.dtype == torch.float32
 
 
-@pytest.mark.parametrize("bad,match", [
-    (dict(x=torch.randn(2, 3, 4)), "x must be"),
-    (dict(lora_B=torch.randn(3, 5, 7)), "does not match"),
-    (dict(expert_idx=torch.zeros(3, 1, dtype=torch.long)), "expert_idx must be"),
-    (dict(expert_weights=torch.ones(4, 2)), "must have the shape"),
-    (dict(backend="cuda"), "backend must be"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (dict(x=torch.randn(2, 3, 4)), "x must be"),
+        (dict(lora_B=torch.randn(3, 5, 7)), "does not match"),
+        (dict(expert_idx=torch.zeros(3, 1, dtype=torch.long)), "expert_idx must be"),
+        (dict(expert_weights=torch.ones(4, 2)), "must have the shape"),
+        (dict(backend="cuda"), "backend must be"),
+    ],
+)
 def test_public_op_errors_name_the_argument(bad, match):
-    args = dict(x=torch.randn(4, 4), lora_A=torch.randn(3, 2, 4), lora_B=torch.randn(3, 5, 2),
-                expert_idx=torch.zeros(4, 1, dtype=torch.long), expert_weights=torch.ones(4, 1), scaling=1.0)
+    args = dict(
+        x=torch.randn(4, 4),
+        lora_A=torch.randn(3, 2, 4),
+        lora_B=torch.randn(3, 5, 2),
+        expert_idx=torch.zeros(4, 1, dtype=torch.long),
+        expert_weights=torch.ones(4, 1),
+        scaling=1.0,
+    )
     args.update(bad)
     with pytest.raises(ValueError, match=match):
         apply_lora_experts(**args)
@@ -113,8 +126,15 @@ def test_public_op_errors_name_the_argument(bad, match):
 
 def test_triton_backend_is_a_clear_error_until_the_kernel_lands():
     with pytest.raises(NotImplementedError, match="backend='torch'"):
-        apply_lora_experts(torch.randn(2, 4), torch.randn(3, 2, 4), torch.randn(3, 5, 2),
-                           torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1), 1.0, backend="triton")
+        apply_lora_experts(
+            torch.randn(2, 4),
+            torch.randn(3, 2, 4),
+            torch.randn(3, 5, 2),
+            torch.zeros(2, 1, dtype=torch.long),
+            torch.ones(2, 1),
+            1.0,
+            backend="triton",
+        )
 
 
 def test_path_choice_follows_the_cpu_measurement():

@@ -12,7 +12,15 @@ import torch
 
 from .reference import dense_gated, expert_gate, grouped, per_expert_loop
 
-__all__ = ["apply_lora_experts", "choose_torch_path", "expert_gate", "BACKENDS"]
+__all__ = [
+    "apply_lora_experts",
+    "choose_torch_path",
+    "expert_gate",
+    "dense_gated",
+    "grouped",
+    "per_expert_loop",
+    "BACKENDS",
+]
 
 BACKENDS = ("auto", "torch", "dense", "grouped", "triton")
 
@@ -33,7 +41,9 @@ def choose_torch_path(num_experts: int, rank: int, k: int) -> str:
 
 def _check(x, lora_A, lora_B, expert_idx, expert_weights) -> None:
     if x.dim() != 2:
-        raise ValueError(f"apply_lora_experts: x must be [T, in], got shape {tuple(x.shape)}; flatten batch dims first.")
+        raise ValueError(
+            f"apply_lora_experts: x must be [T, in], got shape {tuple(x.shape)}; flatten batch dims first."
+        )
     if lora_A.dim() != 3 or lora_B.dim() != 3:
         raise ValueError(
             f"apply_lora_experts: lora_A must be [E, r, in] and lora_B [E, out, r], got {tuple(lora_A.shape)} "

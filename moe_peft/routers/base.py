@@ -28,7 +28,9 @@ class Routing:
 def float32_linear(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """Router math in float32 whatever the model dtype or autocast state."""
     with torch.autocast(device_type=x.device.type, enabled=False):
-        return nn.functional.linear(x.float(), linear.weight.float(), None if linear.bias is None else linear.bias.float())
+        return nn.functional.linear(
+            x.float(), linear.weight.float(), None if linear.bias is None else linear.bias.float()
+        )
 
 
 def new_router_linear(in_features: int, out_features: int, bias: bool, std: float = 0.02) -> nn.Linear:
