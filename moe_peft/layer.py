@@ -103,6 +103,9 @@ class MoELoraLinear(nn.Module, BaseTunerLayer):
             self._move_adapter_to_device_of_base_layer(adapter_name)
             self.set_adapter(self.active_adapters)
 
+    def owns_block_router(self) -> bool:
+        return any(self.configs[a].router_granularity == "block" for a in self.routers.keys())
+
     @torch.no_grad()
     def reset_parameters(self, adapter_name: str, init_lora_weights: bool = True) -> None:
         a, b = self.experts_A[adapter_name], self.experts_B[adapter_name]

@@ -148,14 +148,8 @@ class MoELoraModel(BaseTuner):
     def _remove_unused_block_hooks(self, remove_all: bool = False) -> None:
         hooks = self.__dict__.get("_moe_block_hooks", {})
         for parent_name in list(hooks):
-            try:
-                parent = self.model.get_submodule(parent_name)
-            except AttributeError:
-                parent = None
-            in_use = parent is not None and any(
-                isinstance(c, MoELoraLinear) and any(o is c for o in c._router_owner.values()) and len(c.routers)
-                for c in parent.children()
-            )
+            parent = self.model.get_submodule(parent_name)
+            in_use = any(isinstance(c, MoELoraLinear) and c.owns_block_router() for c in parent.children())
             if remove_all or not in_use:
                 hooks.pop(parent_name).remove()
 
