@@ -50,7 +50,7 @@ class MoELoraLinear(nn.Module, BaseTunerLayer):
         self._disable_adapters = False
         self._active_adapter = adapter_name
         self._routing_ctx = routing_ctx
-        # block granularity: which layer owns the router of each adapter (self for "linear")
+        # router_granularity="block": the layer of this block that owns each adapter's router
         self._router_owner: dict[str, MoELoraLinear] = {}
         self._block_routing: dict[str, Routing] = {}  # set by the parent block's pre-hook
         self.router_records: dict[str, RouterRecord] = {}
@@ -91,7 +91,6 @@ class MoELoraLinear(nn.Module, BaseTunerLayer):
         self.experts_B[adapter_name] = nn.Parameter(torch.empty(num_experts, self.out_features, rank))  # [E, out, r]
         if config.router_granularity == "linear":
             self.routers[adapter_name] = build_router(config, self.in_features)
-            self._router_owner[adapter_name] = self
         self.reset_parameters(adapter_name, config.init_lora_weights)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
@@ -103,8 +102,12 @@ class MoELoraLinear(nn.Module, BaseTunerLayer):
             self._move_adapter_to_device_of_base_layer(adapter_name)
             self.set_adapter(self.active_adapters)
 
+    def _owns_block_router(self, adapter: str) -> bool:
+        # a block router exists only on the block's owner layer
+        return adapter in self.routers and self.configs[adapter].router_granularity == "block"
+
     def owns_block_router(self) -> bool:
-        return any(self.configs[a].router_granularity == "block" for a in self.routers.keys())
+        return any(self._owns_block_router(a) for a in self.routers.keys())
 
     @torch.no_grad()
     def reset_parameters(self, adapter_name: str, init_lora_weights: bool = True) -> None:
@@ -131,8 +134,7 @@ class MoELoraLinear(nn.Module, BaseTunerLayer):
         lead_shape, x = hidden.shape[:-1], hidden.reshape(-1, hidden.shape[-1])  # [..., in] -> [T, in]
         total = None
         for adapter in self.active_adapters:
-            owner = self._router_owner.get(adapter)
-            if owner is not self or adapter not in self.routers or self.configs[adapter].router_granularity != "block":
+            if not self._owns_block_router(adapter):
                 continue
             if x.shape[-1] != self.in_features:
                 raise ValueError(
@@ -157,10 +159,10 @@ class MoELoraLinear(nn.Module, BaseTunerLayer):
         return loss
 
     def _routing(self, adapter: str, x: torch.Tensor, lead_shape: torch.Size) -> tuple[Routing, Optional[torch.Tensor]]:
-        owner = self._router_owner.get(adapter)
-        if owner is self and self.configs[adapter].router_granularity == "linear":
+        if self.configs[adapter].router_granularity == "linear":
             routing = self.routers[adapter](x)
             return routing, self._record(adapter, routing, lead_shape)
+        owner = self._router_owner.get(adapter)
         routing = owner._block_routing.get(adapter) if owner is not None else None
         if routing is None or routing.idx.shape[0] != x.shape[0]:
             raise RuntimeError(
