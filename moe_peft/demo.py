@@ -1,6 +1,6 @@
 """The README demo: train MoLE on a built-in tiny Llama and the bundled synthetic multi-task data.
 
-    moe-peft demo             # about 40 s on a 2-core CPU
+    moe-peft demo             # about 35 s on an idle 2-core CPU
     moe-peft demo --steps 200 # a quick look
 
 It trains with a plain PyTorch loop (router losses arrive through outputs.loss), prints the loss falling,
