@@ -7,8 +7,10 @@
 Importing this package registers the methods with PEFT (once; see _registration.py).
 """
 
-from ._registration import register_methods
+from . import mhr, phatgoose
+from ._registration import forward_task_ids, register_methods
 from .config import LoRAMoEConfig, MoELoraConfig, MoLEConfig, SMoRAConfig
+from .mhr import MHRConfig, MHRModel, import_poly_adapter
 from .model import (
     LoRAMoEModel,
     MoELoraModel,
@@ -19,6 +21,7 @@ from .model import (
     update_router_biases,
 )
 from .ops import apply_lora_experts
+from .phatgoose import PhatgooseConfig, PhatgooseModel
 
 __version__ = "0.1.0"
 
@@ -27,18 +30,28 @@ register_methods(
         "MOLE": (MoLEConfig, MoLEModel),
         "LORAMOE": (LoRAMoEConfig, LoRAMoEModel),
         "SMORA": (SMoRAConfig, SMoRAModel),
+        "MHR": (MHRConfig, MHRModel),
+        "PHATGOOSE": (PhatgooseConfig, PhatgooseModel),
     }
 )
+forward_task_ids({"MHR", "PHATGOOSE"})  # PEFT's task-specific models pass task_ids on only for its own Poly otherwise
 
 __all__ = [
     "MoELoraConfig",
     "MoLEConfig",
     "LoRAMoEConfig",
     "SMoRAConfig",
+    "MHRConfig",
+    "PhatgooseConfig",
     "MoELoraModel",
     "MoLEModel",
     "LoRAMoEModel",
     "SMoRAModel",
+    "MHRModel",
+    "PhatgooseModel",
+    "import_poly_adapter",
+    "mhr",
+    "phatgoose",
     "apply_lora_experts",
     "router_loss",
     "routing_stats",
