@@ -46,10 +46,9 @@ def read_expert(path: PathLike, name: Optional[str] = None) -> Expert:
     path = str(path)
     name = name or os.path.basename(os.path.normpath(path))
     config = PeftConfig.from_pretrained(path)
-    if getattr(config.peft_type, "value", config.peft_type) != "LORA":
-        raise ValueError(
-            f"Expert '{name}' ({path}) is a {config.peft_type} adapter; PHATGOOSE experts are LoRA adapters."
-        )
+    peft_type = getattr(config.peft_type, "value", config.peft_type)
+    if peft_type != "LORA":
+        raise ValueError(f"Expert '{name}' ({path}) is a {peft_type} adapter; PHATGOOSE experts are LoRA adapters.")
     unsupported = {
         "use_dora": bool(config.use_dora),
         "rank_pattern": bool(config.rank_pattern),
