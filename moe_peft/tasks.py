@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ._registration import TASK_IDS_KWARG
+from .context import RoutingContext
 
 
 def as_task_ids(task_ids: Any) -> torch.Tensor:
@@ -44,6 +45,7 @@ class TaskIds:
         self.current: Optional[torch.Tensor] = None  # [B] long, set by the root pre-hook
         self.sticky: Optional[torch.Tensor] = None  # [B] long, held for every step of a generate() call
         self.merge_task: Optional[int] = None  # the task whose adapter merge()/get_delta_weight() use
+        self.padding = RoutingContext()  # the attention mask of the current forward, for padding-free statistics
         self._handles: tuple = ()
 
     def for_batch(self, batch: int, what: str, n_tasks: int) -> torch.Tensor:
@@ -93,6 +95,8 @@ class TaskIds:
         rerouted = kwargs.pop(TASK_IDS_KWARG, None)
         given = rerouted if given is None else given
         self.current = as_task_ids(given).to(_device_of(args, kwargs)) if given is not None else self.sticky
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        self.padding.start_forward(mask if isinstance(mask, torch.Tensor) else None)
         return args, kwargs
 
 

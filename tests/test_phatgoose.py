@@ -400,3 +400,15 @@ def test_generate_routes_every_new_token_and_leaves_no_hook(library, batch):
         moe_peft.phatgoose.set_routing(model, "single", expert="e2")
         assert torch.equal(oracle[1], model.generate(**kwargs)[1])
     assert n_hooks(model) == hooks and model.base_model.task_state.sticky is None
+
+
+def test_expert_load_leaves_padding_out(library, batch):
+    model = moe_peft.phatgoose.assemble(small_base(), library).eval()
+    moe_peft.phatgoose.set_routing(model, "oracle")
+    mask = torch.ones_like(batch["input_ids"])
+    mask[0, :3] = 0  # 3 padding positions in the row of expert 0: 6 + 9 + 9 real tokens
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"], attention_mask=mask, task_ids=torch.tensor([0, 1, 1]))
+    load = moe_peft.phatgoose.mean_expert_load(model)
+    torch.testing.assert_close(load, torch.tensor([6 / 24, 18 / 24, 0.0]))
+    assert len(moe_peft.phatgoose.expert_load(model)) == 2 * len(TARGETS)

@@ -104,12 +104,20 @@ class PhatgooseLinear(nn.Module, DeltaMergeMixin, BaseTunerLayer):
             idx, weights = self.route(adapter, x_flat, x.shape[0] if x.dim() > 1 else 1)  # [T, k], [T, k]
             scaling = self.phatgoose_scaling[adapter].float()  # [E]
             weights = weights * scaling[idx]  # fold each expert's LoRA scaling into its weight: [T, k]
-            self.last_load[adapter] = torch.bincount(idx.reshape(-1), minlength=scaling.shape[0]).float() / idx.numel()
+            self._record_load(adapter, idx, x.shape[:-1])
             delta = apply_lora_experts(
                 x_flat, self.phatgoose_A[adapter], self.phatgoose_B[adapter], idx, weights, 1.0
             )  # [T, out]
             result = result + delta.reshape(*x.shape[:-1], self.out_features).to(result.dtype)  # -> [..., out]
         return result
+
+    @torch.no_grad()
+    def _record_load(self, adapter: str, idx: torch.Tensor, lead_shape: torch.Size) -> None:
+        """Fraction of (token, slot) picks per expert in this forward, padding excluded (for expert_load)."""
+        mask = self._task_state.padding.token_mask(lead_shape)  # [T] bool or None
+        picks = (idx if mask is None else idx[mask]).reshape(-1)  # [T', k] -> [T' * k]
+        counts = torch.bincount(picks, minlength=self.phatgoose_config[adapter].num_experts).float()  # [E]
+        self.last_load[adapter] = counts / max(picks.numel(), 1)
 
     # -- merging: only the routings that make the library one fixed LoRA ------------------------------------------
     def merge_key(self, adapter: str) -> Optional[int]:
