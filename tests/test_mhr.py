@@ -468,3 +468,30 @@ def test_generate_with_task_ids_and_no_hook_left_behind(base, batch):
             model.generate(**kwargs)
     assert n_hooks(model) == hooks
     assert model.base_model.task_state.sticky is None
+
+
+def test_registered_with_peft_and_unknown_config_keys_still_load(base, tmp_path):
+    import json
+
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+    from peft.utils.peft_types import PeftType
+
+    for name, config_cls, model_cls, prefix in [
+        ("MHR", moe_peft.MHRConfig, moe_peft.MHRModel, "mhr_"),
+        ("PHATGOOSE", moe_peft.PhatgooseConfig, moe_peft.PhatgooseModel, "phatgoose_"),
+    ]:
+        assert PEFT_TYPE_TO_CONFIG_MAPPING[PeftType(name)] is config_cls
+        assert PEFT_TYPE_TO_TUNER_MAPPING[PeftType(name)] is model_cls
+        assert PEFT_TYPE_TO_PREFIX_MAPPING[PeftType(name)] == prefix
+    model = get_peft_model(base, mhr_config("mhr"))
+    randomize(model)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "a_key_from_the_future": 1}))
+    reloaded = PeftModel.from_pretrained(tiny_llama(VOCAB, 32, 2, 48), tmp_path).eval()
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(
+            reloaded(**{"input_ids": torch.tensor([[5, 6, 7]])}, task_ids=[1]).logits,
+            model(**{"input_ids": torch.tensor([[5, 6, 7]])}, task_ids=[1]).logits,
+        )
