@@ -33,6 +33,7 @@ from transformers import AutoModelForCausalLM
 
 import moe_peft
 from moe_peft.data import CharTokenizer, Collator, make_dataset, make_samples, tokenize_sample
+from moe_peft.demo import generate_answers
 from moe_peft.tiny import tiny_llama
 
 BASE_TASKS = ("cpy", "dup")
@@ -67,26 +68,9 @@ def train(model, data, tokenizer, steps: int, lr: float, batch_size: int, seed: 
     return losses
 
 
-@torch.no_grad()
 def exact_match(model, tokenizer, samples: list[dict], **generate_kwargs) -> float:
     """Fraction of prompts answered exactly (greedy, left-padded batch, KV cache)."""
-    encoded = [tokenizer.encode(s["prompt"], add_bos=True) for s in samples]
-    width = max(len(e) for e in encoded)
-    ids = torch.full((len(samples), width), tokenizer.pad_token_id, dtype=torch.long)  # [B, S]
-    mask = torch.zeros_like(ids)
-    for i, e in enumerate(encoded):
-        ids[i, width - len(e) :] = torch.tensor(e)
-        mask[i, width - len(e) :] = 1
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=mask,
-        max_new_tokens=16,
-        do_sample=False,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **generate_kwargs,
-    )
-    answers = [tokenizer.decode(row[width:]) for row in out]
+    answers = generate_answers(model, tokenizer, [s["prompt"] for s in samples], **generate_kwargs)
     return sum(a == s["completion"] for a, s in zip(answers, samples)) / len(samples)
 
 

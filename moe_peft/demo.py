@@ -25,8 +25,10 @@ from .tiny import tiny_llama
 
 
 @torch.no_grad()
-def generate_answers(model, tokenizer: CharTokenizer, prompts: list[str], max_new_tokens: int = 14) -> list[str]:
-    """Greedy answers for a batch of prompts (left-padded, with the KV cache)."""
+def generate_answers(
+    model, tokenizer: CharTokenizer, prompts: list[str], max_new_tokens: int = 14, **generate_kwargs
+) -> list[str]:
+    """Greedy answers for a batch of prompts (left-padded, with the KV cache); generate_kwargs go to generate()."""
     encoded = [tokenizer.encode(p, add_bos=True) for p in prompts]
     width = max(len(e) for e in encoded)
     ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)  # [B, S]
@@ -41,6 +43,7 @@ def generate_answers(model, tokenizer: CharTokenizer, prompts: list[str], max_ne
         do_sample=False,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        **generate_kwargs,
     )
     return [tokenizer.decode(row[width:]) for row in out]
 

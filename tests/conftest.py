@@ -66,3 +66,31 @@ def randomize_experts(model, std: float = 0.1, seed: int = 1) -> None:
         for name, p in model.named_parameters():
             if name.split(".")[-2].endswith("_B"):
                 p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def train_mode(model, checkpointing: bool = False, reentrant: bool = True):
+    """Put a PEFT model in training mode with zeroed gradients, with gradient checkpointing if asked."""
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        model.enable_input_require_grads()
+    model.train()
+    model.zero_grad()
+    return model
+
+
+def checkpointed_grads(model, reentrant: bool, loss) -> dict:
+    """Gradients of `loss(model)` with gradient checkpointing, after checking that they equal the gradients
+    without it (computed on a deep copy taken first): the same set of parameters, the same values."""
+    import copy
+
+    reference = copy.deepcopy(model)
+    grads = []
+    for m, checkpointing in ((reference, False), (model, True)):
+        train_mode(m, checkpointing, reentrant)
+        loss(m).backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad})
+    want, got = grads
+    assert want.keys() == got.keys()
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-6, msg=n)
+    return got

@@ -17,7 +17,7 @@ import moe_peft
 from moe_peft.phatgoose import PhatgooseLinear
 from moe_peft.tiny import tiny_llama
 
-from .conftest import MLP, VOCAB
+from .conftest import MLP, VOCAB, train_mode
 from .test_contract import n_hooks
 
 TARGETS = MLP + ["q_proj"]
@@ -330,10 +330,7 @@ def test_gate_training_under_gradient_checkpointing(reentrant):
     reference = copy.deepcopy(model)
 
     def grads(m, checkpointing):
-        if checkpointing:
-            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
-            m.enable_input_require_grads()
-        m.train()
+        train_mode(m, checkpointing, reentrant)
         with moe_peft.phatgoose.gate_training(m) as gates:
             m(**batches[0]).loss.backward()
             assert all(p.grad is None for p in m.parameters())  # nothing but the gates receives gradient

@@ -3,90 +3,32 @@ optimizer groups)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Optional
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
 from ..config import _bad
-from ..tasks import TaskIds
+from ..task_tuner import TaskIdsTuner, adapter_of, tuner_of
 from .config import MODES, MHRConfig
 from .layer import MHRLinear
 
 
-class MHRModel(BaseTuner):
+class MHRModel(TaskIdsTuner):
     """Injects MHRLinear layers; carries `task_ids` from forward/generate to them (moe_peft/tasks.py)."""
 
     prefix: str = "mhr_"
     tuner_layer_cls = MHRLinear
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING  # q/v projections, like PEFT's Poly
 
-    @property
-    def task_state(self) -> TaskIds:
-        state = self.__dict__.get("_mhr_task_state")
-        if state is None:
-            state = self.__dict__["_mhr_task_state"] = TaskIds()
-        return state
-
-    def _create_and_replace(
-        self,
-        config: MHRConfig,
-        adapter_name: str,
-        target: nn.Module,
-        target_name: str,
-        parent: nn.Module,
-        current_key: str,
-        **optional_kwargs: Any,
-    ) -> None:
-        if isinstance(target, MHRLinear):
-            target.update_layer(adapter_name, config)
-            return
-        if isinstance(target, BaseTunerLayer):
-            raise TypeError(f"{current_key} already holds a {type(target).__name__} from another PEFT method.")
-        new_module = MHRLinear(target, adapter_name, config, self.task_state, current_key)
-        if adapter_name not in self.active_adapters:
-            new_module.requires_grad_(False)  # an added adapter is not trainable until set_adapter
-        self._replace_module(parent, target_name, new_module, target)
-
-    def _post_injection_hook(self, model: nn.Module, config: MHRConfig, adapter_name: str) -> None:
-        self.task_state.attach(model)
-
-    def layers(self) -> Iterator[tuple[str, MHRLinear]]:
-        for name, module in self.model.named_modules():
-            if isinstance(module, MHRLinear):
-                yield name, module
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        super().delete_adapter(adapter_name)
-        if not self.peft_config:
-            self.task_state.detach(self.model)
-
-    def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
-        if merge:
-            for _, layer in self.layers():
-                layer.check_mergeable(adapter_names)  # a clear error before any layer is changed
-        self.task_state.detach(self.model)
-        return super()._unload_and_optionally_merge(
-            merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
-        )
-
 
 def _tuner(model: nn.Module) -> MHRModel:
-    tuner = model if isinstance(model, MHRModel) else getattr(model, "base_model", None)
-    if not isinstance(tuner, MHRModel):
-        raise TypeError(f"Expected a PeftModel made from an MHRConfig, got {type(model).__name__}.")
-    return tuner
+    return tuner_of(model, MHRModel, "an MHRConfig")
 
 
-def _adapter(tuner: MHRModel, adapter_name: Optional[str]) -> str:
-    adapter_name = adapter_name or tuner.active_adapters[0]
-    if adapter_name not in tuner.peft_config:
-        raise ValueError(f"adapter_name={adapter_name!r} is invalid: this model has {sorted(tuner.peft_config)}.")
-    return adapter_name
+_adapter = adapter_of
 
 
 def set_mode(model: nn.Module, mode: str, adapter_name: Optional[str] = None, add_tasks: int = 0) -> None:
