@@ -177,6 +177,9 @@ def test_save_and_reload_in_a_fresh_process(tmp_path, batch):
         config = model.peft_config["default"]
         cases[case] = {**want, "task_ids": task_ids, "mode": config.mode, "n_tasks": config.n_tasks}
         model.save_pretrained(tmp_path / case)
+    model.save_pretrained(tmp_path / "selected", selected_adapters=["second"])
+    assert (tmp_path / "selected" / "second" / "adapter_model.safetensors").exists()
+    assert not (tmp_path / "selected" / "adapter_model.safetensors").exists()
     torch.save({"cases": cases, "inputs": inputs(batch)}, tmp_path / "ref.pt")
     script = tmp_path / "reload.py"
     script.write_text(FRESH_PROCESS)

@@ -370,6 +370,14 @@ def test_adapter_management(library, batch):
         with model.disable_adapter():
             torch.testing.assert_close(model(**inputs(batch)).logits, ref)
         torch.testing.assert_close(model(**inputs(batch)).logits, routed)
+        model.add_adapter("other", copy.deepcopy(model.peft_config["default"]))
+        model.set_adapter("other")
+        torch.testing.assert_close(model(**inputs(batch)).logits, ref)  # a new, unfilled library adds nothing
+        model.set_adapter("default")
+        model.delete_adapter("other")
+        assert not any(".other" in n for n, _ in model.named_parameters())
+        assert all("other" not in layer.last_load for _, layer in model.base_model.layers())
+        torch.testing.assert_close(model(**inputs(batch)).logits, routed)
         unloaded = model.unload()
         torch.testing.assert_close(unloaded(**inputs(batch)).logits, ref)
     assert not any(isinstance(m, PhatgooseLinear) for m in unloaded.modules())
@@ -382,7 +390,10 @@ def test_low_precision_forward(library, batch, dtype):
     assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "phatgoose_" in n)
     with torch.no_grad():
         out = model(**inputs(batch)).logits
+        layer = model.base_model.model.model.layers[0].mlp.up_proj
+        idx, weights = layer.route("default", torch.randn(5, 32, dtype=dtype), batch=5)
     assert out.dtype == dtype and torch.isfinite(out).all()
+    assert weights.dtype == torch.float32  # routing math in float32 whatever the model dtype
 
 
 def test_generate_routes_every_new_token_and_leaves_no_hook(library, batch):
@@ -409,3 +420,13 @@ def test_expert_load_leaves_padding_out(library, batch):
     load = moe_peft.phatgoose.mean_expert_load(model)
     torch.testing.assert_close(load, torch.tensor([6 / 24, 18 / 24, 0.0]))
     assert len(moe_peft.phatgoose.expert_load(model)) == 2 * len(TARGETS)
+
+
+def test_empty_and_nan_inputs(library):
+    model = moe_peft.phatgoose.assemble(small_base(), library)
+    layer = model.base_model.model.model.layers[0].mlp.up_proj
+    assert layer(torch.randn(0, 32)).shape == (0, 48)
+    x = torch.randn(3, 32)
+    x[1] = float("nan")
+    y = layer(x)
+    assert torch.isnan(y[1]).all() and torch.isfinite(y[[0, 2]]).all()  # a NaN token does not spread
