@@ -1,0 +1,143 @@
+"""One autograd Function for the routed-LoRA op, with interchangeable implementations.
+
+    y = [x W^T + b] + scaling * ((x A_all^T) * G) B_all^T           (docs/kernel.md, "the key fact")
+
+E experts of rank r are one LoRA of rank R = E*r with a per-token block gate G [T, R] rebuilt from the
+routing (idx [T, k], w [T, k]). The Function owns the adapter math, forward and backward, so that:
+
+* the delta is added in place into the base layer's output (`out=`), never as a separate `[T, out]` sum;
+* when it also owns the frozen base linear (`weight=`), the LoRA part of dx is accumulated into the base
+  dx buffer (docs/kernel.md "Fusing with the base layer");
+* the only activation it saves beyond x is u = x A_all^T (fp32 on the Triton path): O(T*E*r), never
+  O(T*E*out);
+* the router trains through it: it returns dL/dw.
+
+Implementations: `TorchDense` (any device; the reference algorithm), `TritonDense` (Path D) and
+`TritonSorted` (Path S) in triton_ops.py. All take and return the same tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def compute_dtype(x: torch.Tensor, lora_A: torch.Tensor) -> torch.dtype:
+    """The dtype the adapter math runs in: the autocast dtype under autocast, else that of x and A promoted
+    (PEFT casts x to the adapter dtype; fp32 adapters on bf16 activations therefore run in fp32)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return torch.promote_types(x.dtype, lora_A.dtype)
+
+
+class TorchDense:
+    """Path D in plain torch: two GEMMs each way, `addmm` into the base output and the base dx."""
+
+    name = "torch"
+
+    @staticmethod
+    def forward(x, lora_A, lora_B, idx, w, scaling, out, cdt):
+        num_tokens = x.shape[0]
+        num_experts, rank, d_in = lora_A.shape
+        a_all = lora_A.to(cdt).reshape(num_experts * rank, d_in)  # [E, r, in] -> [R, in], a view
+        u = x.to(cdt) @ a_all.t()  # [T, in] @ [in, R] -> [T, R]
+        gate = _gate(idx, w.to(cdt), num_experts)  # [T, E]
+        h = (u.view(num_tokens, num_experts, rank) * gate.unsqueeze(-1)).view(num_tokens, -1)  # [T, R]
+        b_all = _b_all(lora_B, cdt)  # [out, R]
+        if out is None:
+            return torch.mm(h, b_all.t()).mul_(scaling), (u, gate)  # [T, R] @ [R, out] -> [T, out]
+        out.addmm_(h.to(out.dtype), b_all.t().to(out.dtype), alpha=scaling)  # out += s h B_all^T
+        return out, (u, gate)
+
+    @staticmethod
+    def backward(dy, x, lora_A, lora_B, idx, w, scaling, saved, dx_base, needs, cdt):
+        u, gate = saved
+        num_tokens = x.shape[0]
+        num_experts, rank, d_in = lora_A.shape
+        dy = dy.to(cdt)
+        b_all = _b_all(lora_B, cdt)  # [out, R]
+        u3 = u.view(num_tokens, num_experts, rank)  # [T, E, r]
+        dh = (dy @ b_all).view(num_tokens, num_experts, rank)  # [T, out] @ [out, R] -> [T, E, r], unscaled
+        du = (dh * (gate * scaling).unsqueeze(-1)).view(num_tokens, -1)  # [T, R]
+        dx = dA = dB = dw = None
+        if needs[0]:
+            a_all = lora_A.to(cdt).reshape(num_experts * rank, d_in)  # [R, in]
+            # dx = dx_base + du A_all, one pass over the dx buffer
+            dx = torch.mm(du, a_all) if dx_base is None else torch.addmm(dx_base.to(cdt), du, a_all)
+        if needs[1]:
+            dA = (du.t() @ x.to(cdt)).view(num_experts, rank, d_in)  # [R, T] @ [T, in] -> [E, r, in]
+        if needs[2]:
+            h = (u3 * gate.unsqueeze(-1)).view(num_tokens, -1)  # [T, R]
+            d_b_all = (dy.t() @ h).mul_(scaling)  # [out, T] @ [T, R] -> [out, R]
+            dB = d_b_all.view(-1, num_experts, rank).permute(1, 0, 2)  # [out, E, r] -> [E, out, r]
+        if needs[3]:
+            d_gate = (dh * u3).sum(-1) * scaling  # [T, E]: dL/dG summed over each expert's rank block
+            # slot j gets dL/dG[t, idx[t, j]]; a null slot (idx = -1) gets exactly zero
+            dw = torch.where(idx >= 0, d_gate.gather(1, idx.clamp_min(0)), 0.0)  # [T, k]
+        return dx, dA, dB, dw
+
+
+def _gate(idx: torch.Tensor, w: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """G [T, E]: w scattered at the selected experts (summed if one is picked twice); -1 adds nothing."""
+    w = torch.where(idx >= 0, w, 0.0)  # [T, k]
+    return w.new_zeros(idx.shape[0], num_experts).scatter_add_(1, idx.clamp_min(0), w)  # [T, E]
+
+
+def _b_all(lora_B: torch.Tensor, cdt: torch.dtype) -> torch.Tensor:
+    """[E, out, r] -> [out, E*r]: PEFT's LoRA-B layout at rank E*r (a small copy of the weights only)."""
+    num_experts, d_out, rank = lora_B.shape
+    return lora_B.to(cdt).permute(1, 0, 2).reshape(d_out, num_experts * rank)
+
+
+class RoutedLoRAFunction(torch.autograd.Function):
+    """Inputs: x [T, in], A [E, r, in], B [E, out, r], w [T, k], idx [T, k] (long, -1 = none), scaling,
+    out ([T, out] base output to add into, in place) or None, weight/bias of a frozen base linear to run
+    inside (then x is also its input and dx gets both parts in one buffer), and the implementation."""
+
+    @staticmethod
+    def forward(ctx, x, lora_A, lora_B, w, idx, scaling, out, weight, bias, impl):
+        cdt = compute_dtype(x, lora_A)
+        if weight is not None:
+            out = F.linear(x, weight, bias)  # the base layer: its output is ours to add into
+        y, saved = impl.forward(x, lora_A, lora_B, idx, w, scaling, out, cdt)
+        if out is not None and weight is None:
+            ctx.mark_dirty(out)
+        ctx.save_for_backward(x, lora_A, lora_B, idx, w, weight, *saved)
+        ctx.scaling, ctx.impl, ctx.cdt = scaling, impl, cdt
+        ctx.has_out, ctx.has_bias = out is not None and weight is None, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, lora_A, lora_B, idx, w, weight, *saved = ctx.saved_tensors
+        dy = dy.contiguous()
+        need_x, need_a, need_b, need_w = ctx.needs_input_grad[:4]
+        dx_base = None
+        if weight is not None and need_x:
+            dx_base = dy.to(weight.dtype) @ weight  # [T, out] @ [out, in] -> [T, in], the base layer's dx
+        dx, dA, dB, dw = ctx.impl.backward(
+            dy, x, lora_A, lora_B, idx, w, ctx.scaling, saved, dx_base, (need_x, need_a, need_b, need_w), ctx.cdt
+        )
+        d_weight = d_bias = None
+        if weight is not None and ctx.needs_input_grad[7]:
+            d_weight = dy.t().to(weight.dtype) @ x.to(weight.dtype)  # [out, T] @ [T, in]
+        if ctx.has_bias and ctx.needs_input_grad[8]:
+            d_bias = dy.sum(0).to(weight.dtype)
+        return (
+            _cast(dx, x),
+            _cast(dA, lora_A),
+            _cast(dB, lora_B),
+            _cast(dw, w),
+            None,
+            None,
+            dy if ctx.has_out else None,
+            d_weight,
+            d_bias,
+            None,
+        )
+
+
+def _cast(grad: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
+    return None if grad is None else grad.to(like.dtype)
