@@ -50,14 +50,16 @@ def run(fn, x, a, b, idx, w, seed=0):
 
 def assert_all_close(got, want, **tol):
     for g, w_, name in zip(got, want, ("y", "dx", "dA", "dB", "dw")):
-        torch.testing.assert_close(g, w_, msg=lambda m: f"{name}: {m}", **tol)
+        torch.testing.assert_close(g, w_, msg=lambda m, name=name: f"{name}: {m}", **tol)
 
 
 @interpreter
 @pytest.mark.parametrize("path", KERNEL_PATHS)
 @pytest.mark.parametrize("T,d_in,d_out,E,r,k,null_frac", SHAPES)
 def test_kernels_match_oracle_and_torch_path(path, T, d_in, d_out, E, r, k, null_frac):
-    x, a, b, idx, w = (t.float() if t.is_floating_point() else t for t in make_inputs(T, d_in, d_out, E, r, k, null_frac))
+    x, a, b, idx, w = (
+        t.float() if t.is_floating_point() else t for t in make_inputs(T, d_in, d_out, E, r, k, null_frac)
+    )
     if k == E:  # dense routing (LoRAMoE): every expert in every token's slots
         idx = torch.arange(E).expand(T, E).clone()
     got = run(lambda *t: apply_lora_experts(*t, 1.3, backend=path), x, a, b, idx, w)

@@ -162,7 +162,9 @@ def apply_lora_experts(
         raise ValueError(f"apply_lora_experts: backend must be one of {BACKENDS}, got {backend!r}.")
     _check(x, lora_A, lora_B, expert_idx, expert_weights)
     if out is not None and out.shape != (x.shape[0], lora_B.shape[1]):
-        raise ValueError(f"apply_lora_experts: out must be [T, out]={[x.shape[0], lora_B.shape[1]]}, got {list(out.shape)}.")
+        raise ValueError(
+            f"apply_lora_experts: out must be [T, out]={[x.shape[0], lora_B.shape[1]]}, got {list(out.shape)}."
+        )
     if x.shape[0] == 0:
         return out if out is not None else x.new_zeros(0, lora_B.shape[1], dtype=compute_dtype(x, lora_A))
     path = choose_backend(x, lora_A, expert_idx.shape[1], backend)

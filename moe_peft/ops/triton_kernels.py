@@ -165,7 +165,9 @@ def _dense_dy(
     for n0 in range(0, N, BN):
         ns = n0 + tl.arange(0, BN)  # [BN]
         n_ok = ns < N
-        dyt = tl.load(dy_ptr + rows[:, None] * s_dt + ns[None, :] * s_dn, mask=row_ok[:, None] & n_ok[None, :], other=0.0)
+        dyt = tl.load(
+            dy_ptr + rows[:, None] * s_dt + ns[None, :] * s_dn, mask=row_ok[:, None] & n_ok[None, :], other=0.0
+        )
         bt = tl.load(b_ptr + b_col[None, :] + ns[:, None] * s_bn, mask=n_ok[:, None] & col_ok[None, :], other=0.0)
         dh += _dot(dyt, bt, DOT)  # [BM, BN] @ [BN, BR] -> [BM, BR]
     tile = rows[:, None] * R + cols[None, :]
@@ -332,6 +334,8 @@ def _pairs_wgrad(
             ok = rows < row1
             tok = tl.load(order_ptr + rows, mask=ok, other=0) // K
             lt = tl.load(l_ptr + rows[None, :] * rank + js[:, None], mask=j_ok[:, None] & ok[None, :], other=0.0)
-            st = tl.load(src_ptr + tok[:, None] * s_st + ds[None, :] * s_sd, mask=ok[:, None] & d_ok[None, :], other=0.0)
+            st = tl.load(
+                src_ptr + tok[:, None] * s_st + ds[None, :] * s_sd, mask=ok[:, None] & d_ok[None, :], other=0.0
+            )
             acc += _dot(lt, st, DOT)  # [RP, BT] @ [BT, BD] -> [RP, BD]
     tl.store(out_ptr + e * rank * D + js[:, None] * D + ds[None, :], acc, mask=j_ok[:, None] & d_ok[None, :])

@@ -198,6 +198,9 @@ def align_pairs(idx: torch.Tensor, num_experts: int, block_m: int):
     }
 
 
+_TABLES = ("order", "seg_start", "seg_end", "tile_row0", "tile_row1", "tile_expert", "slot_tiles")
+
+
 class TritonSorted:
     """Path S: per single-expert tile, gather rows and run a rank-r GEMM; expand into the output slot by
     slot (a token is once per slot, so no atomics); weight gradients per expert. Costs grow with k*r, not
@@ -222,19 +225,17 @@ class TritonSorted:
             out = torch.zeros(num_tokens, d_out, device=x.device, dtype=cdt)
         b_strides = (lora_B.stride(0), lora_B.stride(2), lora_B.stride(1))  # W_e[j, n] = B[e, n, j]
         _slot_expand(u, lora_B, b_strides, out, al, w32, rank, scaling, idx.shape[1], True, dot)
-        return out, (u,) + tuple(al[name] for name in ("order", "seg_start", "seg_end", "tile_row0", "tile_row1",
-                                                       "tile_expert", "slot_tiles"))  # fmt: skip
+        return out, (u,) + tuple(al[name] for name in _TABLES)
 
     @staticmethod
     def backward(dy, x, lora_A, lora_B, idx, w, scaling, saved, dx_base, needs, cdt):
         u, *tables = saved
-        al = dict(zip(("order", "seg_start", "seg_end", "tile_row0", "tile_row1", "tile_expert", "slot_tiles"), tables))
+        al = dict(zip(_TABLES, tables))
         num_tokens, d_in = x.shape
         num_experts, rank, _ = lora_A.shape
         k = idx.shape[1]
         al["max_tiles_per_slot"] = triton_cdiv(num_tokens, TritonSorted.BLOCK_M) + num_experts
         dot = dot_code(cdt)
-        d_out = lora_B.shape[1]
         _, w32 = _routing_tensors(idx, w)
         du = torch.empty_like(u)  # [P, r]
         h = torch.empty_like(u)  # [P, r]
