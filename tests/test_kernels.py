@@ -17,6 +17,7 @@ import torch
 import moe_peft.ops as ops
 from moe_peft.ops import apply_lora_experts, apply_lora_per_sample, linear_lora_experts
 
+from .conftest import CASES, VOCAB, make_config, randomize_experts
 from .test_ops import make_inputs, oracle
 
 triton = pytest.importorskip("triton")
@@ -265,3 +266,37 @@ def test_gpu_bf16_real_sizes(path, T, d, E, r, k):
     for g, ref, name in zip(got, want, ("y", "dx", "dA", "dB", "dw")):
         err = ((g.float() - ref).abs().max() / ref.abs().max()).item()
         assert err < 2e-2, (name, err)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Inside a model: every method through the Triton kernels equals the torch path
+# ---------------------------------------------------------------------------------------------------
+
+
+@interpreter
+@pytest.mark.parametrize("case", CASES)
+def test_every_method_through_triton_equals_torch_path(case, batch):
+    import copy
+
+    from peft import get_peft_model
+
+    from moe_peft.tiny import tiny_llama
+
+    results = {}
+    for backend in ("torch", "triton"):
+        base = tiny_llama(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_layers=2, seed=0)
+        model = get_peft_model(base, make_config(case, kernel_backend=backend, init_lora_weights=True))
+        randomize_experts(model)
+        model.train()
+        torch.manual_seed(0)  # the same dropout masks / router noise in both runs
+        out = model(**copy.deepcopy(batch))
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+        results[backend] = (out.logits.detach(), out.loss.item(), grads)
+    logits_t, loss_t, grads_t = results["torch"]
+    logits_k, loss_k, grads_k = results["triton"]
+    torch.testing.assert_close(logits_k, logits_t, rtol=1e-4, atol=1e-5)
+    assert abs(loss_k - loss_t) < 1e-5
+    assert grads_k.keys() == grads_t.keys() and any("router" in n for n in grads_t)
+    for name in grads_t:
+        torch.testing.assert_close(grads_k[name], grads_t[name], rtol=1e-3, atol=1e-6, msg=name)
