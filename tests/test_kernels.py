@@ -28,7 +28,7 @@ interpreter = pytest.mark.skipif(
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
-KERNEL_PATHS = ["triton_dense", "triton_sorted", "dense"]
+KERNEL_PATHS = ["triton_dense", "triton_sorted", "dense", "grouped"]
 SHAPES = [
     # T, d_in, d_out, E, r, k, null_frac
     pytest.param(70, 33, 29, 5, 3, 1, 0.0, id="T70-odd-r3-k1"),  # T crosses a 64-row tile, r not a power of 2

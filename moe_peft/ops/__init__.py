@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from .fused import RoutedLoRAFunction, TorchDense, compute_dtype
+from .fused import RoutedLoRAFunction, TorchDense, TorchSorted, compute_dtype
 from .reference import dense_gated, expert_gate, grouped, per_expert_loop
 
 __all__ = [
@@ -79,6 +79,8 @@ def choose_backend(x: torch.Tensor, lora_A: torch.Tensor, k: int, backend: str =
 def _impl(path: str):
     if path == "dense":
         return TorchDense
+    if path == "grouped":
+        return TorchSorted
     if not _HAS_TRITON:
         raise RuntimeError(
             f"apply_lora_experts(backend={path!r}) needs Triton: pip install 'moe-peft[gpu]' (or triton), or use "
@@ -122,10 +124,6 @@ def _check(x, lora_A, lora_B, expert_idx, expert_weights) -> None:
 
 @torch.compiler.disable  # one graph break per call under torch.compile: the kernels are launched eagerly
 def _apply(path, x, lora_A, lora_B, expert_idx, expert_weights, scaling, out, weight, bias):
-    if path == "grouped":  # autograd through torch ops (the CPU path for many experts)
-        base = out if weight is None else torch.nn.functional.linear(x, weight, bias)
-        delta = grouped(x.to(compute_dtype(x, lora_A)), lora_A, lora_B, expert_idx, expert_weights, scaling)
-        return delta if base is None else base.add_(delta.to(base.dtype))
     return RoutedLoRAFunction.apply(
         x, lora_A, lora_B, expert_weights, expert_idx, float(scaling), out, weight, bias, _impl(path)
     )

@@ -79,6 +79,75 @@ class TorchDense:
         return dx, dA, dB, dw
 
 
+class TorchSorted:
+    """Path S in plain torch, for CPU when E*r is large: pairs sorted by expert, one GEMM pair per expert on
+    gathered rows, results added back with `index_add_`. Cost grows with k*r, not E*r. The backward is
+    written out (not left to autograd), so no expert allocates a full-size gradient of the gathered rows."""
+
+    name = "grouped"
+
+    @staticmethod
+    def forward(x, lora_A, lora_B, idx, w, scaling, out, cdt):
+        num_tokens, k = idx.shape
+        rank = lora_A.shape[1]
+        pairs, counts = _sort_pairs(idx, lora_A.shape[0])  # [P] pair ids grouped by expert, [E] on the host
+        tok = pairs // k  # [P]
+        w_pair = w.reshape(-1).index_select(0, pairs).to(cdt)  # [P]
+        xc = x.to(cdt)
+        u = xc.new_empty(pairs.numel(), rank)  # [P, r]
+        y = out if out is not None else xc.new_zeros(num_tokens, lora_B.shape[1])  # [T, out]
+        for e, rows in _segments(counts):
+            t = tok[rows]  # [n]
+            u[rows] = xc.index_select(0, t) @ lora_A[e].to(cdt).t()  # [n, in] @ [in, r] -> [n, r]
+            y_e = (u[rows] * w_pair[rows, None]) @ lora_B[e].to(cdt).t()  # [n, r] @ [r, out] -> [n, out]
+            y.index_add_(0, t, y_e.to(y.dtype), alpha=scaling)
+        return y, (u, pairs, torch.tensor(counts))
+
+    @staticmethod
+    def backward(dy, x, lora_A, lora_B, idx, w, scaling, saved, dx_base, needs, cdt):
+        u, pairs, counts = saved
+        num_tokens, k = idx.shape
+        tok = pairs // k
+        w_pair = w.reshape(-1).index_select(0, pairs).to(cdt)  # [P]
+        xc, dy = x.to(cdt), dy.to(cdt)
+        dx = None
+        if needs[0]:
+            dx = xc.new_zeros(x.shape) if dx_base is None else dx_base.to(cdt)  # [T, in]
+        dA = torch.zeros(lora_A.shape, device=x.device, dtype=cdt)  # experts with no token keep exactly 0
+        dB = torch.zeros(lora_B.shape, device=x.device, dtype=cdt)
+        dw = xc.new_zeros(idx.numel())  # [T*k]; null slots stay 0
+        for e, rows in _segments(counts.tolist()):
+            t = tok[rows]
+            a_e, b_e = lora_A[e].to(cdt), lora_B[e].to(cdt)
+            dy_e = dy.index_select(0, t)  # [n, out]
+            dh = dy_e @ b_e  # [n, out] @ [out, r] -> [n, r], unscaled
+            u_e, w_e = u[rows], w_pair[rows, None]  # [n, r], [n, 1]
+            du = dh * (w_e * scaling)  # [n, r]
+            dw[pairs[rows]] = (dh * u_e).sum(-1) * scaling  # [n]
+            dB[e] = (dy_e.t() @ (u_e * w_e)).mul_(scaling)  # [out, n] @ [n, r] -> [out, r]
+            dA[e] = du.t() @ xc.index_select(0, t)  # [r, n] @ [n, in] -> [r, in]
+            if dx is not None:
+                dx.index_add_(0, t, du @ a_e)  # [n, r] @ [r, in] -> [n, in] added at the token rows
+        return dx, dA, dB, dw.view(num_tokens, k)
+
+
+def _sort_pairs(idx: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, list[int]]:
+    """Pair ids (t*k + j) of the non-null slots, grouped by expert, and the count per expert (one sync)."""
+    flat = idx.reshape(-1)  # [T*k]
+    pairs = torch.nonzero(flat >= 0).squeeze(1)  # [P] null experts cost nothing
+    experts = flat.index_select(0, pairs)
+    order = torch.argsort(experts, stable=True)
+    return pairs.index_select(0, order), torch.bincount(experts, minlength=num_experts).tolist()
+
+
+def _segments(counts: list[int]):
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            yield e, slice(start, start + n)
+        start += n
+
+
 def _gate(idx: torch.Tensor, w: torch.Tensor, num_experts: int) -> torch.Tensor:
     """G [T, E]: w scattered at the selected experts (summed if one is picked twice); -1 adds nothing."""
     w = torch.where(idx >= 0, w, 0.0)  # [T, k]
