@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -247,47 +248,53 @@ def _op_alone(case: Case, device, reps) -> tuple[float, float]:
 def bench_multi_adapter(shapes, device, dtype, reps, print_fn=print) -> list[dict]:
     """Per-sample adapter selection (inference): ours (one kernel, an expert index per token) vs PEFT's
     mixed-batch `adapter_names` forward on a LoRA layer holding the same adapters."""
-    from peft import LoraConfig, get_peft_model
-
     print_fn(
         f"{'samples':>7} {'tokens':>6} {'d':>5} {'adapters':>8} {'r':>3} | {'ours ms':>8} {'peft ms':>8} {'peft/ours':>9}"
     )
     rows = []
-    for n_samples, seq, d, n_adapters, r in shapes:
-        g = torch.Generator(device).manual_seed(0)
-        wrapper = nn.Sequential()
-        wrapper.add_module("lin", nn.Linear(d, d, bias=False))
-        model = get_peft_model(wrapper, LoraConfig(r=r, lora_alpha=r, target_modules=["lin"]), adapter_name="a0")
-        for i in range(1, n_adapters):
-            model.add_adapter(f"a{i}", LoraConfig(r=r, lora_alpha=r, target_modules=["lin"]))
-        layer = model.base_model.model.lin.to(device=device, dtype=dtype)
-        names = [f"a{i}" for i in range(n_adapters)]
-        for name in names:
-            nn.init.normal_(layer.lora_B[name].weight, std=0.01)
-        a = torch.stack([layer.lora_A[n].weight for n in names]).detach()  # [N, r, d]
-        b = torch.stack([layer.lora_B[n].weight for n in names]).detach()  # [N, d, r]
-        x = torch.randn(n_samples, seq, d, device=device, generator=g).to(dtype)
-        choice = torch.randint(0, n_adapters, (n_samples,), device=device, generator=g)
-        adapter_names = [names[i] for i in choice.tolist()]
-        weight = layer.base_layer.weight
-
-        def ours():
-            with torch.no_grad():
-                out = F.linear(x, weight)
-                return apply_lora_per_sample(x, a, b, choice, 1.0, out=out)
-
-        def peft():
-            with torch.no_grad():
-                return layer._mixed_batch_forward(x, adapter_names=adapter_names)
-
-        diff = (ours().float() - peft().float()).abs().max().item()
-        t_ours, t_peft = _time(ours, device, reps), _time(peft, device, reps)
+    for shape in shapes:
+        t_ours, t_peft, diff, scale = _multi_row(*shape, device, dtype, reps)
         print_fn(
-            f"{n_samples:>7} {seq:>6} {d:>5} {n_adapters:>8} {r:>3} | {t_ours:>8.3f} {t_peft:>8.3f} "
-            f"{t_peft / t_ours:>9.2f}   (max |ours - peft| = {diff:.1e})"
+            " ".join(f"{v:>{w}}" for v, w in zip(shape, (7, 6, 5, 8, 3)))
+            + f" | {t_ours:>8.3f} {t_peft:>8.3f} {t_peft / t_ours:>9.2f}   (max |ours - peft| = {diff:.1e},"
+            f" max |delta| = {scale:.1e})"
         )
-        rows.append(dict(samples=n_samples, seq=seq, d=d, adapters=n_adapters, r=r, ours_ms=t_ours, peft_ms=t_peft))
+        rows.append(dict(zip(("samples", "seq", "d", "adapters", "r"), shape), ours_ms=t_ours, peft_ms=t_peft))
     return rows
+
+
+def _multi_row(n_samples, seq, d, n_adapters, r, device, dtype, reps):
+    from peft import LoraConfig, get_peft_model
+
+    g = torch.Generator(device).manual_seed(0)
+    wrapper = nn.Sequential()
+    wrapper.add_module("lin", nn.Linear(d, d, bias=False))
+    model = get_peft_model(wrapper, LoraConfig(r=r, lora_alpha=r, target_modules=["lin"]), adapter_name="a0")
+    for i in range(1, n_adapters):
+        model.add_adapter(f"a{i}", LoraConfig(r=r, lora_alpha=r, target_modules=["lin"]))
+    layer = model.base_model.model.lin.to(device=device, dtype=dtype)
+    names = [f"a{i}" for i in range(n_adapters)]
+    for name in names:
+        nn.init.normal_(layer.lora_B[name].weight, std=0.01)
+    a = torch.stack([layer.lora_A[n].weight for n in names]).detach()  # [N, r, d]
+    b = torch.stack([layer.lora_B[n].weight for n in names]).detach()  # [N, d, r]
+    x = torch.randn(n_samples, seq, d, device=device, generator=g).to(dtype)
+    choice = torch.randint(0, n_adapters, (n_samples,), device=device, generator=g)
+    adapter_names = [names[i] for i in choice.tolist()]
+
+    def ours():
+        with torch.no_grad():
+            out = F.linear(x, layer.base_layer.weight)
+            return apply_lora_per_sample(x, a, b, choice, 1.0, out=out)
+
+    def peft():
+        with torch.no_grad():
+            return layer._mixed_batch_forward(x, adapter_names=adapter_names)
+
+    with torch.no_grad():
+        scale = (peft() - F.linear(x, layer.base_layer.weight)).abs().max().item()  # the adapters' share
+    diff = (ours().float() - peft().float()).abs().max().item()
+    return _time(ours, device, reps), _time(peft, device, reps), diff, scale
 
 
 def bench_ops(grid: str = "default", device: Optional[str] = None, reps: Optional[int] = None, print_fn=print):

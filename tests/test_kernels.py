@@ -300,3 +300,18 @@ def test_every_method_through_triton_equals_torch_path(case, batch):
     assert grads_k.keys() == grads_t.keys() and any("router" in n for n in grads_t)
     for name in grads_t:
         torch.testing.assert_close(grads_k[name], grads_t[name], rtol=1e-3, atol=1e-6, msg=name)
+
+
+def test_bench_ops_prints_every_baseline_ratio():
+    from moe_peft.bench import bench_grid, bench_multi_adapter
+
+    lines = []
+    rows = bench_grid([(64, 32, 4, 4, 2), (64, 32, 16, 16, 1)], torch.device("cpu"), torch.float32, 1, lines.append)
+    assert [r["mode"] for r in rows] == ["fwd", "fwd+bwd"] * 2
+    for row in rows:
+        assert all(row[f"{n}_ms"] > 0 for n in ("ours", "base", "peft", "loop", "einsum"))
+    assert {r["path"] for r in rows} == {"dense", "grouped"}
+    multi = bench_multi_adapter([(3, 8, 32, 2, 4)], torch.device("cpu"), torch.float32, 1, lines.append)
+    assert "max |ours - peft| = " in lines[-1] and multi[0]["peft_ms"] > 0
+    diff = float(lines[-1].split("max |ours - peft| = ")[1].split(",")[0])
+    assert diff < 1e-5  # per-sample adapters equal PEFT's mixed-batch forward
