@@ -192,8 +192,10 @@ class MoELoraLinear(nn.Module, BaseTunerLayer):
             )  # fmt: skip
         else:
             # the base output is ours when base is a plain nn.Linear: add each adapter into it in place
-            result = F.linear(x_flat, base.weight, base.bias) if owns_base else base(x, *args, **kwargs)
-            result = result.reshape(-1, self.out_features)  # [T, out]
+            if owns_base:
+                result = F.linear(x_flat, base.weight, base.bias)  # [T, out], not a view: in-place adds are cheap
+            else:
+                result = base(x, *args, **kwargs).reshape(-1, self.out_features)  # [..., out] -> [T, out]
             for adapter, routing, _ in routed:
                 delta_or_result = apply_lora_experts(
                     self.dropouts[adapter](x_flat), self.experts_A[adapter], self.experts_B[adapter],

@@ -99,12 +99,18 @@ def test_in_place_into_base_output_and_fused_base_linear(path):
         assert y.data_ptr() == ptr  # written into the base output, not a new tensor
         return y
 
+    def in_place_view(x_, a_, b_, idx_, w_):
+        base = torch.nn.functional.linear(x_.unsqueeze(0), weight, bias)  # [1, T, out]
+        apply_lora_experts(x_, a_, b_, idx_, w_, 0.7, backend=path, out=base.view(x_.shape[0], -1))  # a view
+        return base[0]
+
     def fused(x_, a_, b_, idx_, w_):
         return linear_lora_experts(x_, weight, bias, a_, b_, idx_, w_, 0.7, backend=path)
 
     want = run(reference, x, a, b, idx, w)
     assert_all_close(run(in_place, x, a, b, idx, w), want, rtol=1e-4, atol=1e-4)
     assert_all_close(run(fused, x, a, b, idx, w), want, rtol=1e-4, atol=1e-4)
+    assert_all_close(run(in_place_view, x, a, b, idx, w), want, rtol=1e-4, atol=1e-4)
 
 
 @interpreter
@@ -315,3 +321,35 @@ def test_bench_ops_prints_every_baseline_ratio():
     assert "max |ours - peft| = " in lines[-1] and multi[0]["peft_ms"] > 0
     diff = float(lines[-1].split("max |ours - peft| = ")[1].split(",")[0])
     assert diff < 1e-5  # per-sample adapters equal PEFT's mixed-batch forward
+
+
+def test_layer_paths_with_dropout_and_several_adapters_agree(batch):
+    """The layer runs base+experts as one op (no dropout, one adapter) or base then in-place adds (dropout in
+    training, several active adapters); the routes give the same function."""
+    from peft import get_peft_model
+
+    from moe_peft.tiny import tiny_llama
+
+    def build(dropout):
+        base = tiny_llama(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_layers=2, seed=0)
+        model = get_peft_model(base, make_config("mole_linear_top2", lora_dropout=dropout))
+        randomize_experts(model)
+        return model
+
+    plain, dropped = build(0.0), build(0.3)
+    plain.eval(), dropped.eval()  # dropout off in eval: the fused route vs the same weights
+    with torch.no_grad():
+        torch.testing.assert_close(dropped(**batch).logits, plain(**batch).logits)
+    dropped.train()
+    out = dropped(**batch)
+    out.loss.backward()  # the in-place route trains: experts and routers get gradients
+    assert all(p.grad is not None for n, p in dropped.named_parameters() if p.requires_grad and "mole_A" in n)
+    # two active adapters: the in-place route applies both, which equals the sum of their deltas
+    plain.add_adapter("other", make_config("mole_linear_top2"))
+    randomize_experts(plain, seed=2)
+    plain.base_model.set_adapter(["default", "other"])
+    with torch.no_grad():
+        both = plain(**batch).logits
+        plain.base_model.set_adapter("default")
+        one = plain(**batch).logits
+    assert not torch.allclose(both, one)

@@ -125,7 +125,7 @@ def _check(x, lora_A, lora_B, expert_idx, expert_weights) -> None:
 @torch.compiler.disable  # one graph break per call under torch.compile: the kernels are launched eagerly
 def _apply(path, x, lora_A, lora_B, expert_idx, expert_weights, scaling, out, weight, bias):
     return RoutedLoRAFunction.apply(
-        x, lora_A, lora_B, expert_weights, expert_idx, float(scaling), out, weight, bias, _impl(path)
+        out, x, lora_A, lora_B, expert_weights, expert_idx, float(scaling), weight, bias, _impl(path)
     )
 
 

@@ -161,12 +161,15 @@ def _b_all(lora_B: torch.Tensor, cdt: torch.dtype) -> torch.Tensor:
 
 
 class RoutedLoRAFunction(torch.autograd.Function):
-    """Inputs: x [T, in], A [E, r, in], B [E, out, r], w [T, k], idx [T, k] (long, -1 = none), scaling,
-    out ([T, out] base output to add into, in place) or None, weight/bias of a frozen base linear to run
-    inside (then x is also its input and dx gets both parts in one buffer), and the implementation."""
+    """Inputs: out ([T, out] base output to add into, in place) or None, x [T, in], A [E, r, in],
+    B [E, out, r], w [T, k], idx [T, k] (long, -1 = none), scaling, weight/bias of a frozen base linear to
+    run inside (then x is also its input and dx gets both parts in one buffer), and the implementation.
+
+    `out` comes first because autograd, when the tensor modified in place is a view, routes the gradient
+    of the Function's first input to it (CopySlices)."""
 
     @staticmethod
-    def forward(ctx, x, lora_A, lora_B, w, idx, scaling, out, weight, bias, impl):
+    def forward(ctx, out, x, lora_A, lora_B, w, idx, scaling, weight, bias, impl):
         cdt = compute_dtype(x, lora_A)
         if weight is not None:
             out = F.linear(x, weight, bias)  # the base layer: its output is ours to add into
@@ -182,7 +185,7 @@ class RoutedLoRAFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, lora_A, lora_B, idx, w, weight, *saved = ctx.saved_tensors
         dy = dy.contiguous()
-        need_x, need_a, need_b, need_w = ctx.needs_input_grad[:4]
+        need_x, need_a, need_b, need_w = ctx.needs_input_grad[1:5]
         dx_base = None
         if weight is not None and need_x:
             dx_base = dy.to(weight.dtype) @ weight  # [T, out] @ [out, in] -> [T, in], the base layer's dx
@@ -195,13 +198,13 @@ class RoutedLoRAFunction(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[8]:
             d_bias = dy.sum(0).to(weight.dtype)
         return (
+            dy if ctx.has_out else None,
             _cast(dx, x),
             _cast(dA, lora_A),
             _cast(dB, lora_B),
             _cast(dw, w),
             None,
             None,
-            dy if ctx.has_out else None,
             d_weight,
             d_bias,
             None,
