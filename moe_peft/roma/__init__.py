@@ -16,22 +16,52 @@ Equations and choices: docs/methods.md (RoMA).
 
 from .capture import RoutingCapture, pool_routing
 from .config import DEFAULT_LEARNING_RATE, RoMAConfig
+from .embeddings import task_embeddings
 from .layer import RoMARouterLayer
 from .loss import Neighbours, alignment_loss, manifold_loss
 from .model import RoMAModel, routing_representation
+from .reference import (
+    RoMAReference,
+    build_reference,
+    collect_routing,
+    exact_match_success,
+    knn_weights,
+    multiple_choice_success,
+)
 from .targets import SUPPORTED_ARCHITECTURES, find_routers
+
+
+def __getattr__(name: str):
+    # the trainers import transformers.Trainer: load them on first use only
+    if name in ("RoMATrainer", "RoMALossMixin", "RoMACollator", "with_roma_index"):
+        from . import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "DEFAULT_LEARNING_RATE",
     "SUPPORTED_ARCHITECTURES",
     "Neighbours",
     "RoMAConfig",
+    "RoMACollator",
+    "RoMALossMixin",
     "RoMAModel",
+    "RoMAReference",
     "RoMARouterLayer",
+    "RoMATrainer",
     "RoutingCapture",
     "alignment_loss",
+    "build_reference",
+    "collect_routing",
+    "exact_match_success",
     "find_routers",
+    "knn_weights",
     "manifold_loss",
+    "multiple_choice_success",
     "pool_routing",
     "routing_representation",
+    "task_embeddings",
+    "with_roma_index",
 ]

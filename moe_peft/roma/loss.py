@@ -56,7 +56,9 @@ def alignment_loss(
     loss = lam * manifold_loss(reps, neighbours).mean()
     if reps.requires_grad or not torch.is_grad_enabled():
         return loss
-    anchor = next((p for _, layer in tuner.router_layers() for p in layer.roma_router.values() if p.requires_grad), None)
+    anchor = next(
+        (p for _, layer in tuner.router_layers() for p in layer.roma_router.values() if p.requires_grad), None
+    )
     if anchor is None or not tuner.model.training:
         return loss
     # reentrant checkpointing: the layers attach their terms when recomputed; the probe records the

@@ -81,7 +81,9 @@ def find_routers(model: nn.Module, config) -> list[str]:
         wanted = set(config.layers)
         names = [n for n in names if layer_index(n) in wanted]
         if not names:
-            raise ValueError(f"layers={config.layers} selects none of the {what}; use decoder-layer indices of MoE layers.")
+            raise ValueError(
+                f"layers={config.layers} selects none of the {what}; use decoder-layer indices of MoE layers."
+            )
     elif config.num_last_layers is not None:
         names = names[-config.num_last_layers :]  # the paper tunes the last 5 MoE layers
     return names
