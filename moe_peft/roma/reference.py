@@ -21,10 +21,21 @@ from .embeddings import (
     pad_id_of,
     task_embeddings,
 )
-from .loss import Neighbours
+from .loss import Neighbours, manifold_loss
 from .model import roma_tuner, routing_representation
 
 _BATCH_KEYS = ("input_ids", "attention_mask", "labels")
+# the config fields a reference depends on (lambda and the refresh schedule only matter in training)
+_REFERENCE_KNOBS = (
+    "target_routers",
+    "layers",
+    "num_last_layers",
+    "representation",
+    "num_neighbours",
+    "sigma",
+    "kernel",
+    "embedding_model",
+)
 
 
 # -- which samples are successful --------------------------------------------------------------------
@@ -110,11 +121,19 @@ def collect_routing(
     return torch.cat(out)
 
 
-def knn_weights(embeddings: torch.Tensor, success: torch.Tensor, k: int, sigma: float, kernel: str = "cosine"):
-    """Each sample's k most cosine-similar successful samples (itself excluded) and their kernel weights.
+def knn_weights(
+    embeddings: torch.Tensor,
+    success: torch.Tensor,
+    k: int,
+    sigma: float,
+    kernel: str = "cosine",
+    queries: Optional[torch.Tensor] = None,
+):
+    """The k most cosine-similar successful samples of each query and their kernel weights.
 
-    embeddings `[N, D]` unit rows, success `[N]` bool -> index `[N, k]` into the N samples, weights `[N, k]`
-    normalized per row (a row without any neighbour is all zero and adds no regularizer).
+    embeddings `[N, D]` unit rows and success `[N]` bool describe the training set; queries `[M, D]` (default:
+    the training set itself, each sample then excluded from its own neighbours) -> index `[M, k]` into the N
+    samples and weights `[M, k]` normalized per row (a row without any neighbour is zero: no regularizer).
     """
     pool = success.nonzero().squeeze(-1)  # [S] indices of successful samples
     if pool.numel() == 0:
@@ -122,17 +141,17 @@ def knn_weights(embeddings: torch.Tensor, success: torch.Tensor, k: int, sigma: 
             "RoMA's reference set is empty: the pretrained model gets no training sample right, so no sample has "
             "successful neighbours. Check the success criterion (or the model) before router tuning."
         )
-    cos = embeddings @ embeddings[pool].T  # [N, D] @ [D, S] -> [N, S]
-    cos[pool, torch.arange(pool.numel())] = float("-inf")  # a sample is not its own neighbour
-    k_eff = min(k, pool.numel())
-    top, slot = cos.topk(k_eff, dim=-1)  # [N, k]
+    cos = (embeddings if queries is None else queries) @ embeddings[pool].T  # [M, D] @ [D, S] -> [M, S]
+    if queries is None:
+        cos[pool, torch.arange(pool.numel())] = float("-inf")  # a sample is not its own neighbour
+    top, slot = cos.topk(min(k, pool.numel()), dim=-1)  # [M, k]
     if kernel == "euclidean":  # paper: ||e_i - e_j||^2 = 2 (1 - cos) for unit vectors
         sim = torch.exp(-2.0 * (1.0 - top) / (2 * sigma**2))
     else:  # released code: exp(-(1 - cos)^2 / (2 sigma^2))
         sim = torch.exp(-((1.0 - top) ** 2) / (2 * sigma**2))
     sim = torch.where(torch.isfinite(top), sim, torch.zeros_like(sim))  # the excluded self slot weighs 0
-    weights = sim / sim.sum(-1, keepdim=True).clamp(min=1e-12)  # [N, k]
-    return pool[slot], weights  # [N, k] indices into the N samples
+    weights = sim / sim.sum(-1, keepdim=True).clamp(min=1e-12)  # [M, k]
+    return pool[slot], weights  # [M, k] indices into the N samples
 
 
 @dataclass
@@ -154,6 +173,23 @@ class RoMAReference:
         index = torch.as_tensor(index, dtype=torch.long).cpu()
         nbr = self.neighbour_index[index]  # [B, k]
         return Neighbours(self.routing[nbr], self.neighbour_weight[index])  # [B, k] -> [B, k, L, E]
+
+    def neighbours_of(self, queries: torch.Tensor, config) -> Neighbours:
+        """Neighbours of new samples (e.g. held-out ones) from their task embeddings `[M, D]` (config: RoMAConfig)."""
+        index, weights = knn_weights(
+            self.embeddings, self.success, config.num_neighbours, config.sigma, config.kernel, queries=queries
+        )
+        return Neighbours(self.routing[index], weights)  # [M, k, L, E], [M, k]
+
+    def distance(
+        self, model: nn.Module, rows: Sequence[dict], collate_fn: Callable, neighbours=None, batch_size: int = 32
+    ) -> float:
+        """mean_i sum_j W_ij ||r_i - r_j||^2 with r_i from the adapter being trained: the training set's own
+        neighbours by default, or `neighbours` (from neighbours_of) for other rows."""
+        reps = collect_routing(model, rows, collate_fn, batch_size, base=False)  # [N, L, E]
+        if neighbours is None:
+            neighbours = self.neighbours(torch.arange(len(rows)))
+        return float(manifold_loss(reps, neighbours).mean())
 
     def refresh(self, model: nn.Module, dataset, collate_fn: Callable, batch_size: int = 32) -> None:
         """Recompute the successful samples' routing with the adapter being trained (RoMAConfig.reference_refresh_steps)."""
@@ -191,7 +227,7 @@ def build_reference(
     texts = [r[text_field] for r in rows]
     path = None
     if cache_dir is not None:
-        knobs = {k: v for k, v in config.to_dict().items() if k not in ("peft_type", "task_type", "inference_mode")}
+        knobs = {k: getattr(config, k) for k in _REFERENCE_KNOBS}
         flags = None if success is None else [bool(s) for s in success]
         key = cache_key(_model_fingerprint(model), texts, [r["input_ids"] for r in rows], knobs, flags)
         path = os.path.join(cache_dir, f"roma_reference_{key}.pt")
