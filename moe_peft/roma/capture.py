@@ -75,6 +75,12 @@ class RoutingCapture:
         self.pending: Optional[PendingTargets] = None
         self.grad_ctx = RoutingContext()  # carries the loss gradient scale for the reentrant path
 
+    def __deepcopy__(self, memo) -> RoutingCapture:
+        # a copied model starts with an empty capture: the recorded tensors belong to the original's graph
+        fresh = RoutingCapture()
+        fresh.score = self.score
+        return fresh
+
     def start_forward(self, batch_shape, attention_mask, representation: str, num_layers: int) -> None:
         self.forward_id += 1
         self.batch_shape, self.attention_mask = batch_shape, attention_mask

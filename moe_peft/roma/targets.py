@@ -57,21 +57,22 @@ def score_function(model: nn.Module) -> str:
 
 def find_routers(model: nn.Module, config) -> list[str]:
     """Full names of the router modules to tune, in forward order (config: a RoMAConfig)."""
+    # a router already wrapped by an earlier adapter appears as `<name>.base_layer`: target the wrapper
+    unwrapped = [(n.replace(".base_layer", ""), m) for n, m in model.named_modules()]
     if config.target_routers is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         if model_type not in SUPPORTED_ARCHITECTURES:
             raise _unsupported(model_type)
         cls_name = SUPPORTED_ARCHITECTURES[model_type][0]
-        names = [n for n, m in model.named_modules() if type(m).__name__ == cls_name]
+        names = [n for n, m in unwrapped if type(m).__name__ == cls_name]
         what = f"{cls_name} modules"
     else:
-        names = [n for n, _ in model.named_modules() if n and _matches(n, config.target_routers)]
+        names = list(dict.fromkeys(n for n, _ in unwrapped if n and _matches(n, config.target_routers)))
         what = f"modules matching target_routers={config.target_routers!r}"
-    names = [n for n in names if ".base_layer" not in n]  # a router already wrapped by another adapter
     if not names:
         raise ValueError(f"RoMA found no {what} in {type(model).__name__}; check target_routers.")
     for name in names:
-        weight = getattr(model.get_submodule(name), "weight", None)
+        weight = getattr(model.get_submodule(name), "weight", None)  # a wrapper exposes its router's weight
         if not isinstance(weight, nn.Parameter) or weight.dim() != 2:
             raise TypeError(
                 f"{name} is a {type(model.get_submodule(name)).__name__} without a 2-D `weight` parameter "
