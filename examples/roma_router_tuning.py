@@ -64,11 +64,21 @@ def pretrain_tiny(arch: str, tokenizer: CharTokenizer, steps: int, out_dir: str,
     path = os.path.join(out_dir, f"base-{arch}-{steps}-{seed}")
     if os.path.exists(os.path.join(path, "config.json")):
         return path
-    model = tiny_moe(arch, vocab_size=tokenizer.vocab_size, hidden_size=64, num_layers=4, num_experts=8,
-                     top_k=2, intermediate_size=128, seed=seed)
+    model = tiny_moe(
+        arch,
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=64,
+        num_layers=4,
+        num_experts=8,
+        top_k=2,
+        intermediate_size=128,
+        seed=seed,
+    )
     data = make_dataset(steps * 32, tasks=DEFAULT_TASKS, seed=seed, tokenizer=tokenizer)
     loader = torch.utils.data.DataLoader(
-        data.remove_columns(["task", "prompt", "completion", "sample_type"]), batch_size=32, shuffle=True,
+        data.remove_columns(["task", "prompt", "completion", "sample_type"]),
+        batch_size=32,
+        shuffle=True,
         collate_fn=Collator(tokenizer),
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -104,9 +114,12 @@ def read_jsonl(path: str) -> list[dict]:
 
 def measure(model, reference, train_rows, test_rows, test_neighbours, tokenizer, collator) -> dict:
     model.eval()
-    test_ok = exact_match_success(model, tokenizer, [r["prompt"] for r in test_rows], [r["completion"] for r in test_rows])
-    train_ok = exact_match_success(model, tokenizer, [r["prompt"] for r in train_rows],
-                                   [r["completion"] for r in train_rows])
+    test_ok = exact_match_success(
+        model, tokenizer, [r["prompt"] for r in test_rows], [r["completion"] for r in test_rows]
+    )
+    train_ok = exact_match_success(
+        model, tokenizer, [r["prompt"] for r in train_rows], [r["completion"] for r in train_rows]
+    )
     return {
         "dist_train": reference.distance(model, train_rows, collator),
         "dist_test": reference.distance(model, test_rows, collator, neighbours=test_neighbours),
@@ -143,7 +156,9 @@ def main() -> None:
         from transformers import AutoTokenizer
 
         tokenizer, base_path = AutoTokenizer.from_pretrained(args.model), args.model
-        tokenizer.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        tokenizer.pad_token_id = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        )
     train_samples = read_jsonl(args.data) if args.data else make_samples(args.train_samples, seed=seed + 1)
     test_samples = read_jsonl(args.test_data) if args.test_data else make_samples(args.test_samples, seed=seed + 2)
     train_rows, test_rows = tokenize_rows(train_samples, tokenizer), tokenize_rows(test_samples, tokenizer)
@@ -164,26 +179,35 @@ def main() -> None:
         before = measure(model, reference, train_rows, test_rows, test_neighbours, tokenizer, collator)
         training = TrainingArguments(
             output_dir=os.path.join(args.out, "runs", name.replace(" ", "_")),
-            report_to=[], save_strategy="no", use_cpu=True, remove_unused_columns=False,
-            disable_tqdm=True, **training_fields,
+            report_to=[],
+            save_strategy="no",
+            use_cpu=True,
+            remove_unused_columns=False,
+            disable_tqdm=True,
+            **training_fields,
         )
         t0 = time.perf_counter()
-        RoMATrainer(model=model, args=training, train_dataset=train_rows, data_collator=collator,
-                    reference=reference).train()
+        RoMATrainer(
+            model=model, args=training, train_dataset=train_rows, data_collator=collator, reference=reference
+        ).train()
         train_s = time.perf_counter() - t0
         after = measure(model, reference, train_rows, test_rows, test_neighbours, tokenizer, collator)
         unchanged = all(torch.equal(v, model.get_base_model().state_dict()[k]) for k, v in frozen.items())
         results[name] = (before, after, train_s, unchanged)
-        print(f"{name}: {int(reference.success.sum())}/{len(reference)} training samples successful before tuning; "
-              f"trained {train_s:.1f}s; non-router weights bit-identical: {unchanged}")
+        print(
+            f"{name}: {int(reference.success.sum())}/{len(reference)} training samples successful before tuning; "
+            f"trained {train_s:.1f}s; non-router weights bit-identical: {unchanged}"
+        )
 
     print(f"\n{'variant':<18}{'routing dist train':>22}{'routing dist test':>22}{'acc train':>16}{'acc test':>16}")
     for name, (before, after, _, _) in results.items():
         cells = [f"{before[k]:.4f} -> {after[k]:.4f}" for k in ("dist_train", "dist_test")]
         cells += [f"{before[k]:.3f} -> {after[k]:.3f}" for k in ("acc_train", "acc_test")]
         print(f"{name:<18}" + "".join(f"{c:>22}" if i < 2 else f"{c:>16}" for i, c in enumerate(cells)))
-    print(f"\nrouting distance = mean_i sum_j W_ij ||r_i - r_j||^2 to the pretrained successful neighbours; "
-          f"wall time {time.perf_counter() - t_start:.1f}s")
+    print(
+        f"\nrouting distance = mean_i sum_j W_ij ||r_i - r_j||^2 to the pretrained successful neighbours; "
+        f"wall time {time.perf_counter() - t_start:.1f}s"
+    )
 
 
 if __name__ == "__main__":
