@@ -4,6 +4,17 @@ from __future__ import annotations
 
 import torch
 
+# what every tiny decoder shares: 4 heads over 2 KV heads, the CharTokenizer's special ids, an untied head
+_DECODER_DEFAULTS = dict(
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    tie_word_embeddings=False,
+)
+
 
 def tiny_llama(
     vocab_size: int = 64, hidden_size: int = 64, num_layers: int = 2, intermediate_size: int = 128, seed: int = 0
@@ -16,13 +27,7 @@ def tiny_llama(
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
         num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
+        **_DECODER_DEFAULTS,
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).eval()
@@ -74,14 +79,8 @@ def tiny_moe(
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
         num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         num_experts_per_tok=top_k,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
+        **_DECODER_DEFAULTS,
     )
     specific = {
         "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=num_experts)),

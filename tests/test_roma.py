@@ -297,7 +297,7 @@ FRESH_PROCESS = textwrap.dedent(
     """
     import sys, torch
     import moe_peft  # registers the methods
-    from peft import PeftModel
+    from peft import AutoPeftModelForCausalLM, PeftModel
     from transformers import AutoModelForCausalLM
 
     root = sys.argv[1]
@@ -307,6 +307,9 @@ FRESH_PROCESS = textwrap.dedent(
     assert type(model.peft_config["default"]).__name__ == "RoMAConfig"
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, ref["logits"]), "outputs differ after reload"
+        if ref["task_type"]:
+            auto = AutoPeftModelForCausalLM.from_pretrained(f"{root}/adapter").eval()
+            assert torch.equal(auto(**inputs).logits, ref["logits"]), "AutoPeftModelForCausalLM differs"
         merged = model.merge_and_unload()
         assert torch.equal(merged(**inputs).logits, ref["logits"]), "merged outputs differ after reload"
     print("FRESH-PROCESS-OK")
@@ -314,12 +317,13 @@ FRESH_PROCESS = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_adapter_holds_only_router_weights_and_reloads_in_a_fresh_process(arch, tmp_path, batch):
+@pytest.mark.parametrize("arch,task_type", [("mixtral", None), ("olmoe", "CAUSAL_LM")])
+def test_adapter_holds_only_router_weights_and_reloads_in_a_fresh_process(arch, task_type, tmp_path, batch):
     from safetensors.torch import load_file
 
     make_base(arch).save_pretrained(tmp_path / "base")
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), RoMAConfig(num_last_layers=2))
+    config = RoMAConfig(num_last_layers=2, task_type=task_type)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), config)
     perturb_routers(model, seed=3)
     model.eval()
     with torch.no_grad():
@@ -328,7 +332,7 @@ def test_adapter_holds_only_router_weights_and_reloads_in_a_fresh_process(arch, 
     weights = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     assert sorted(weights) == [f"base_model.model.model.layers.{i}.mlp.gate.roma_router" for i in (1, 2)]
     assert all(w.shape == (EXPERTS, HIDDEN) and w.dtype == torch.float32 for w in weights.values())
-    torch.save({"logits": logits, **inputs_of(batch)}, tmp_path / "ref.pt")
+    torch.save({"logits": logits, "task_type": task_type, **inputs_of(batch)}, tmp_path / "ref.pt")
     script = tmp_path / "reload.py"
     script.write_text(FRESH_PROCESS)
     result = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300)
