@@ -185,7 +185,7 @@ def reference_for(model, data):
 def test_roma_trainer_pulls_the_routing_toward_the_neighbours(arch, tmp_path):
     from transformers import TrainingArguments
 
-    data = rows(64)
+    data = make_dataset(64, seed=0, tokenizer=TOKENIZER)  # a datasets.Dataset: Trainer drops unused columns
     base = char_moe(arch, router_scale=20.0)
     frozen = {k: v.clone() for k, v in base.state_dict().items()}
     model = get_peft_model(base, RoMAConfig(lambda_warmup_steps=0, lambda_reg=0.8))

@@ -112,7 +112,9 @@ def collect_routing(
     try:
         with base_model_context(model) if base else torch.no_grad():
             for start in range(0, len(rows), batch_size):
-                chunk = [{k: r[k] for k in _BATCH_KEYS if k in r} for r in rows[start : start + batch_size]]
+                # row by row: slicing a datasets.Dataset would give columns, not rows
+                chunk = [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
+                chunk = [{k: r[k] for k in _BATCH_KEYS if k in r} for r in chunk]
                 batch = collate_fn(chunk)
                 model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
                 out.append(routing_representation(model).float().cpu())  # [B, L, E]
