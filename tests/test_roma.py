@@ -171,6 +171,12 @@ def test_the_regularizer_alone_reaches_the_router_weights(arch, batch):
     loss.backward()
     grads = [p.grad for n, p in model.named_parameters() if "roma_router" in n]
     assert len(grads) == 2 and all(g is not None and g.abs().sum() > 0 for g in grads)
+    # lambda_reg = 0 (plain router fine-tuning) contributes nothing
+    model = get_peft_model(make_base(arch), RoMAConfig(num_last_layers=2, lambda_reg=0.0))
+    model.train()
+    model(**inputs_of(batch))
+    alignment_loss(model, random_neighbours(3, 2)).backward()
+    assert all(p.grad.abs().sum() == 0 for n, p in model.named_parameters() if "roma_router" in n)
 
 
 @pytest.mark.parametrize("reentrant", [True, False])
