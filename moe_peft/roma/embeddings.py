@@ -83,7 +83,7 @@ def embed_with_sentence_transformer(path: str, texts: Sequence[str], batch_size:
     return torch.as_tensor(encoder.encode(list(texts), batch_size=batch_size, convert_to_numpy=True)).float()
 
 
-def _model_fingerprint(model: nn.Module) -> str:
+def model_fingerprint(model: nn.Module) -> str:
     """Cheap identity of a base model: its config and statistics of its input embedding."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(base, "config", None)
@@ -114,7 +114,7 @@ def task_embeddings(
     texts = list(texts)
     if embedding_model is None and (model is None or tokenizer is None):
         raise ValueError("task embeddings need embedding_model=<sentence-transformers dir>, or model and tokenizer.")
-    identity = embedding_model if embedding_model is not None else _model_fingerprint(model)
+    identity = embedding_model if embedding_model is not None else model_fingerprint(model)
     path = None
     if cache_dir is not None:
         path = os.path.join(cache_dir, f"task_embeddings_{cache_key(identity, texts)}.pt")

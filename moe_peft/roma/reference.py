@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 from .embeddings import (
-    _model_fingerprint,
     base_model_context,
     cache_key,
     encode_text,
+    model_fingerprint,
     pad_batch,
     pad_id_of,
     task_embeddings,
@@ -231,7 +231,7 @@ def build_reference(
     if cache_dir is not None:
         knobs = {k: getattr(config, k) for k in _REFERENCE_KNOBS}
         flags = None if success is None else [bool(s) for s in success]
-        key = cache_key(_model_fingerprint(model), texts, [r["input_ids"] for r in rows], knobs, flags)
+        key = cache_key(model_fingerprint(model), texts, [r["input_ids"] for r in rows], knobs, flags)
         path = os.path.join(cache_dir, f"roma_reference_{key}.pt")
         if os.path.exists(path):
             return RoMAReference.load(path)
