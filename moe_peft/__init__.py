@@ -19,6 +19,7 @@ from .model import (
     update_router_biases,
 )
 from .ops import apply_lora_experts
+from .roma import RoMAConfig, RoMAModel
 
 __version__ = "0.1.0"
 
@@ -27,6 +28,7 @@ register_methods(
         "MOLE": (MoLEConfig, MoLEModel),
         "LORAMOE": (LoRAMoEConfig, LoRAMoEModel),
         "SMORA": (SMoRAConfig, SMoRAModel),
+        "ROMA": (RoMAConfig, RoMAModel),
     }
 )
 
@@ -35,10 +37,12 @@ __all__ = [
     "MoLEConfig",
     "LoRAMoEConfig",
     "SMoRAConfig",
+    "RoMAConfig",
     "MoELoraModel",
     "MoLEModel",
     "LoRAMoEModel",
     "SMoRAModel",
+    "RoMAModel",
     "apply_lora_experts",
     "router_loss",
     "routing_stats",
