@@ -22,6 +22,7 @@ from .model import (
 )
 from .ops import apply_lora_experts
 from .phatgoose import PhatgooseConfig, PhatgooseModel
+from .roma import RoMAConfig, RoMAModel
 
 __version__ = "0.1.0"
 
@@ -32,6 +33,7 @@ register_methods(
         "SMORA": (SMoRAConfig, SMoRAModel),
         "MHR": (MHRConfig, MHRModel),
         "PHATGOOSE": (PhatgooseConfig, PhatgooseModel),
+        "ROMA": (RoMAConfig, RoMAModel),
     }
 )
 forward_task_ids({"MHR", "PHATGOOSE"})  # PEFT's task-specific models pass task_ids on only for its own Poly otherwise
@@ -43,6 +45,7 @@ __all__ = [
     "SMoRAConfig",
     "MHRConfig",
     "PhatgooseConfig",
+    "RoMAConfig",
     "MoELoraModel",
     "MoLEModel",
     "LoRAMoEModel",
@@ -52,6 +55,7 @@ __all__ = [
     "import_poly_adapter",
     "mhr",
     "phatgoose",
+    "RoMAModel",
     "apply_lora_experts",
     "router_loss",
     "routing_stats",

@@ -15,12 +15,21 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--batch-size", type=int, default=32)
     demo.add_argument("--lr", type=float, default=3e-3)
     demo.add_argument("--seed", type=int, default=0)
+    bench = sub.add_parser("bench", help="benchmarks that print ratios against baselines run in the same process")
+    bench.add_argument("what", choices=["ops"], help="ops: the routed-LoRA op vs PEFT LoRA, loops and einsums")
+    bench.add_argument("--grid", choices=["default", "full"], default="default")
+    bench.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    bench.add_argument("--reps", type=int, default=None)
     args = parser.parse_args(argv)
 
     if args.command == "demo":
         from .demo import run_demo
 
         run_demo(out_dir=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    elif args.command == "bench":
+        from .bench import bench_ops
+
+        bench_ops(grid=args.grid, device=args.device, reps=args.reps)
     return 0
 
 

@@ -13,6 +13,7 @@ from typing import Literal, Optional, Union
 from peft.config import PeftConfig
 
 from ._registration import ensure_peft_type
+from .ops import BACKENDS
 
 ROUTER_GRANULARITIES = ("linear", "block")
 
@@ -39,6 +40,9 @@ class MoELoraConfig(PeftConfig):
             per parent block (e.g. a Llama MLP), reading the block's input and shared by its gate/up/down
             projections, as LLaVA-MoLE and MixLoRA do.
         init_lora_weights: B starts at zero so a new adapter is a no-op; set False only for tests.
+        kernel_backend: how the experts are applied (`moe_peft.ops.apply_lora_experts`): "auto" (Triton
+            kernels on CUDA, the torch path elsewhere), "torch", "triton", or a specific path; a runtime
+            choice that does not change the numbers beyond floating-point rounding.
     """
 
     r: int = field(default=8, metadata={"help": "Rank of each LoRA expert."})
@@ -70,6 +74,9 @@ class MoELoraConfig(PeftConfig):
         default="linear", metadata={"help": "'linear': a router per adapted linear; 'block': one per parent block."}
     )
     init_lora_weights: bool = field(default=True, metadata={"help": "B = 0 at init (adapter starts as a no-op)."})
+    kernel_backend: str = field(
+        default="auto", metadata={"help": "apply_lora_experts backend: 'auto', 'torch', 'triton', ..."}
+    )
 
     # the PeftType name this config registers as; set by each subclass
     _method = "MOELORA"
@@ -105,6 +112,8 @@ class MoELoraConfig(PeftConfig):
                 raise _bad(name, getattr(self, name), "loss coefficients must be >= 0 (0 disables the loss).")
         if self.router_granularity not in ROUTER_GRANULARITIES:
             raise _bad("router_granularity", self.router_granularity, f"use one of {ROUTER_GRANULARITIES}.")
+        if self.kernel_backend not in BACKENDS:
+            raise _bad("kernel_backend", self.kernel_backend, f"use one of {BACKENDS}.")
         if self.target_parameters:
             raise _bad(
                 "target_parameters",

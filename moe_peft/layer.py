@@ -15,13 +15,14 @@ import warnings
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from .config import MoELoraConfig
 from .context import RoutingContext, attach_router_loss
 from .methods import RouterRecord, build_router, expert_bank_shape, is_mergeable, router_loss_and_stats
-from .ops import apply_lora_experts
+from .ops import apply_lora_experts, linear_lora_experts
 from .routers import Routing
 
 
@@ -173,28 +174,43 @@ class MoELoraLinear(nn.Module, BaseTunerLayer):
         return routing, None
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
-        if self.disable_adapters or self.merged:
-            return result
+        adapters = [a for a in self.active_adapters if a in self.experts_A]
+        if self.disable_adapters or self.merged or not adapters or x.numel() == 0:
+            return self.base_layer(x, *args, **kwargs)
         lead_shape = x.shape[:-1]
         x_flat = x.reshape(-1, self.in_features)  # [..., in] -> [T, in]
-        if x_flat.shape[0] == 0:
-            return result
-        for adapter in self.active_adapters:
-            if adapter not in self.experts_A:
-                continue
-            routing, loss = self._routing(adapter, x_flat, lead_shape)
-            delta = apply_lora_experts(
-                self.dropouts[adapter](x_flat),
-                self.experts_A[adapter],
-                self.experts_B[adapter],
-                routing.idx,
-                routing.weights,
-                self.scalings[adapter],
-            )  # [T, out]
-            result = result + delta.reshape(*lead_shape, self.out_features).to(result.dtype)  # [T, out] -> [..., out]
+        routed = [(adapter, *self._routing(adapter, x_flat, lead_shape)) for adapter in adapters]
+        base = self.base_layer
+        owns_base = type(base) is nn.Linear and not (args or kwargs or base._forward_hooks or base._forward_pre_hooks)
+        if owns_base and len(routed) == 1 and not self._dropout_active(adapters[0]):
+            # one op for base + experts: the delta goes into the base output and, in backward, the experts'
+            # dx into the base layer's dx buffer (docs/kernel.md, "Fusing with the base layer")
+            adapter, routing, _ = routed[0]
+            result = linear_lora_experts(
+                x_flat, base.weight, base.bias, self.experts_A[adapter], self.experts_B[adapter],
+                routing.idx, routing.weights, self.scalings[adapter], self.configs[adapter].kernel_backend,
+            )  # fmt: skip
+        else:
+            # the base output is ours when base is a plain nn.Linear: add each adapter into it in place
+            if owns_base:
+                result = F.linear(x_flat, base.weight, base.bias)  # [T, out], not a view: in-place adds are cheap
+            else:
+                result = base(x, *args, **kwargs).reshape(-1, self.out_features)  # [..., out] -> [T, out]
+            for adapter, routing, _ in routed:
+                delta_or_result = apply_lora_experts(
+                    self.dropouts[adapter](x_flat), self.experts_A[adapter], self.experts_B[adapter],
+                    routing.idx, routing.weights, self.scalings[adapter], self.configs[adapter].kernel_backend,
+                    out=result if owns_base else None,
+                )  # fmt: skip
+                result = delta_or_result if owns_base else result + delta_or_result.to(result.dtype)
+        result = result.view(*lead_shape, self.out_features)  # [T, out] -> [..., out]
+        for _, _, loss in routed:
             result = attach_router_loss(result, loss, self._routing_ctx)
         return result
+
+    def _dropout_active(self, adapter: str) -> bool:
+        dropout = self.dropouts[adapter]
+        return isinstance(dropout, nn.Dropout) and dropout.p > 0 and self.training
 
     # -- merging -------------------------------------------------------------------------------------
     def get_delta_weight(self, adapter: str) -> torch.Tensor:

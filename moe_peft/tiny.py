@@ -4,6 +4,17 @@ from __future__ import annotations
 
 import torch
 
+# what every tiny decoder shares: 4 heads over 2 KV heads, the CharTokenizer's special ids, an untied head
+_DECODER_DEFAULTS = dict(
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    tie_word_embeddings=False,
+)
+
 
 def tiny_llama(
     vocab_size: int = 64, hidden_size: int = 64, num_layers: int = 2, intermediate_size: int = 128, seed: int = 0
@@ -16,13 +27,7 @@ def tiny_llama(
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
         num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
+        **_DECODER_DEFAULTS,
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).eval()
@@ -53,3 +58,42 @@ def tiny_llava(vocab_size: int = 64, hidden_size: int = 32, seed: int = 0):
     )
     torch.manual_seed(seed)
     return LlavaForConditionalGeneration(config).eval()
+
+
+def tiny_moe(
+    arch: str = "mixtral",
+    vocab_size: int = 64,
+    hidden_size: int = 32,
+    num_layers: int = 3,
+    num_experts: int = 4,
+    top_k: int = 2,
+    intermediate_size: int = 48,
+    seed: int = 0,
+):
+    """A randomly initialized sparse-MoE causal LM: arch is "mixtral", "olmoe" or "qwen3_moe" (fused 3-D experts
+    and a TopKRouter module per layer, as in transformers 5)."""
+    import transformers
+
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_experts_per_tok=top_k,
+        **_DECODER_DEFAULTS,
+    )
+    specific = {
+        "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=num_experts)),
+        "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(num_experts=num_experts)),
+        "qwen3_moe": (
+            "Qwen3MoeConfig",
+            "Qwen3MoeForCausalLM",
+            dict(num_experts=num_experts, moe_intermediate_size=intermediate_size, decoder_sparse_step=1),
+        ),
+    }
+    if arch not in specific:
+        raise ValueError(f"arch={arch!r} is invalid: use one of {sorted(specific)}.")
+    config_name, model_name, extra = specific[arch]
+    config = getattr(transformers, config_name)(**common, **extra)
+    torch.manual_seed(seed)
+    return getattr(transformers, model_name)(config).eval()

@@ -8,10 +8,17 @@ import warnings
 import pytest
 import torch
 
-import moe_peft
-from moe_peft.tiny import tiny_llama
+# The Triton kernels run on CPU tensors through Triton's interpreter, which Triton decides when it is first
+# imported (peft imports it), so this comes before `import moe_peft`. With a GPU the gpu-marked tests run
+# the compiled kernels instead.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import moe_peft  # noqa: E402
+from moe_peft.tiny import tiny_llama  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 MLP = ["gate_proj", "up_proj", "down_proj"]

@@ -124,19 +124,6 @@ def test_public_op_errors_name_the_argument(bad, match):
         apply_lora_experts(**args)
 
 
-def test_triton_backend_is_a_clear_error_until_the_kernel_lands():
-    with pytest.raises(NotImplementedError, match="backend='torch'"):
-        apply_lora_experts(
-            torch.randn(2, 4),
-            torch.randn(3, 2, 4),
-            torch.randn(3, 5, 2),
-            torch.zeros(2, 1, dtype=torch.long),
-            torch.ones(2, 1),
-            1.0,
-            backend="triton",
-        )
-
-
 def test_path_choice_follows_the_cpu_measurement():
     assert choose_torch_path(num_experts=8, rank=16, k=2) == "dense"
     assert choose_torch_path(num_experts=64, rank=1, k=8) == "dense"  # SMoRA rank-1 experts

@@ -3,17 +3,32 @@
     y[t] = scaling * sum_j w[t, j] * B[idx[t, j]] @ (A[idx[t, j]] @ x[t])
 
 Special cases on the same op: dense routing (k = E), rank-wise routing (SMoRA: E experts of rank 1),
-null experts (index -1 contributes exactly zero), one expert (plain LoRA).
+null experts (index -1 contributes exactly zero), one expert (plain LoRA), per-sample adapter selection
+(k = 1, w = 1, idx = the sample's adapter; see `apply_lora_per_sample`).
+
+Backends (docs/kernel.md):
+  "triton"  fused Triton kernels, forward and backward: Path D (dense-gated) while E*r <= DENSE_MAX_R,
+            Path S (sorted pairs) beyond; "triton_dense" / "triton_sorted" force one of them.
+  "torch"   the same dense-gated math in one autograd.Function (any device), or the grouped per-expert
+            GEMMs where they are faster on CPU (E >= 16k and r >= 16); "dense" / "grouped" force one.
+  "auto"    Triton on CUDA when the shapes suit it, else "torch" (CPU, tiny T, float64).
 """
 
 from __future__ import annotations
 
+import importlib.util
+from typing import Optional
+
 import torch
 
+from .fused import RoutedLoRAFunction, TorchDense, TorchSorted, compute_dtype
 from .reference import dense_gated, expert_gate, grouped, per_expert_loop
 
 __all__ = [
     "apply_lora_experts",
+    "apply_lora_per_sample",
+    "linear_lora_experts",
+    "choose_backend",
     "choose_torch_path",
     "expert_gate",
     "dense_gated",
@@ -22,7 +37,7 @@ __all__ = [
     "BACKENDS",
 ]
 
-BACKENDS = ("auto", "torch", "dense", "grouped", "triton")
+BACKENDS = ("auto", "torch", "dense", "grouped", "triton", "triton_dense", "triton_sorted")
 
 # Measured on a 2-core CPU, forward+backward, T=2048, d=512/1024 (benchmarks/cpu_paths.py): the grouped path
 # beats dense-gated only when dense does at least GROUPED_MIN_RATIO times the useful work (E / k experts
@@ -30,6 +45,14 @@ BACKENDS = ("auto", "torch", "dense", "grouped", "triton")
 # to outweigh the gather/scatter. Rank-1 experts (SMoRA) are 10x faster dense at any E.
 GROUPED_MIN_RATIO = 16
 GROUPED_MIN_RANK = 16
+# Path D reads x and writes y once but computes all E*r columns; Path S reads x and passes y k times but
+# computes k*r. docs/kernel.md puts the crossover at E*r ~ 200-270 on an H100 (a roofline estimate until
+# `moe-peft bench ops` measures it on a GPU).
+DENSE_MAX_R = 256
+# Below this many tokens the launches dominate and the torch path is as fast (decode); not yet measured.
+TRITON_MIN_TOKENS = 16
+
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def choose_torch_path(num_experts: int, rank: int, k: int) -> str:
@@ -37,6 +60,35 @@ def choose_torch_path(num_experts: int, rank: int, k: int) -> str:
     if num_experts >= GROUPED_MIN_RATIO * k and rank >= GROUPED_MIN_RANK:
         return "grouped"
     return "dense"
+
+
+def choose_backend(x: torch.Tensor, lora_A: torch.Tensor, k: int, backend: str = "auto") -> str:
+    """Resolve a backend name to the concrete path: dense, grouped, triton_dense or triton_sorted."""
+    num_experts, rank, _ = lora_A.shape
+    if backend == "auto":
+        cdt = compute_dtype(x, lora_A)
+        fits = x.is_cuda and _HAS_TRITON and cdt in (torch.float32, torch.bfloat16, torch.float16)
+        backend = "triton" if fits and x.shape[0] >= TRITON_MIN_TOKENS else "torch"
+    if backend == "triton":
+        return "triton_dense" if num_experts * rank <= DENSE_MAX_R else "triton_sorted"
+    if backend == "torch":
+        return choose_torch_path(num_experts, rank, k)
+    return backend
+
+
+def _impl(path: str):
+    if path == "dense":
+        return TorchDense
+    if path == "grouped":
+        return TorchSorted
+    if not _HAS_TRITON:
+        raise RuntimeError(
+            f"apply_lora_experts(backend={path!r}) needs Triton: pip install 'moe-peft[gpu]' (or triton), or use "
+            "backend='auto' / 'torch'."
+        )
+    from .triton_ops import TritonDense, TritonSorted
+
+    return TritonDense if path == "triton_dense" else TritonSorted
 
 
 def _check(x, lora_A, lora_B, expert_idx, expert_weights) -> None:
@@ -70,6 +122,13 @@ def _check(x, lora_A, lora_B, expert_idx, expert_weights) -> None:
         )
 
 
+@torch.compiler.disable  # one graph break per call under torch.compile: the kernels are launched eagerly
+def _apply(path, x, lora_A, lora_B, expert_idx, expert_weights, scaling, out, weight, bias):
+    return RoutedLoRAFunction.apply(
+        out, x, lora_A, lora_B, expert_weights, expert_idx, float(scaling), weight, bias, _impl(path)
+    )
+
+
 def apply_lora_experts(
     x: torch.Tensor,
     lora_A: torch.Tensor,
@@ -78,36 +137,82 @@ def apply_lora_experts(
     expert_weights: torch.Tensor,
     scaling: float,
     backend: str = "auto",
+    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Apply routed LoRA experts and return the delta.
+    """Apply routed LoRA experts: return the delta, or add it into `out` in place and return `out`.
 
     Args:
         x: `[T, in]` token features (already dropped out, if dropout is used).
         lora_A: `[E, r, in]` stacked down-projections.
         lora_B: `[E, out, r]` stacked up-projections.
-        expert_idx: `[T, k]` long; -1 marks an empty slot (null expert), which contributes zero.
+        expert_idx: `[T, k]` integer; -1 marks an empty slot (null expert), which contributes zero.
         expert_weights: `[T, k]` routing weights; gradients flow into them (the router trains through this op).
         scaling: the LoRA scaling (`lora_alpha / r` for most methods).
-        backend: `"auto"` (the fastest correct path for the device), `"torch"` (pure torch, picks dense or
-            grouped by shape), `"dense"`, `"grouped"`, or `"triton"` (the fused GPU kernel).
+        backend: see the module docstring.
+        out: optional `[T, out]` tensor (the base layer's output) that the delta is added into, in place, with
+            fp32 accumulation; it must not be a leaf that requires grad or a tensor another op saved.
 
     Returns:
-        `[T, out]` in the dtype of `lora_A` (x is cast to it, as PEFT's LoRA does).
+        `out`, or the `[T, out]` delta in the compute dtype (the autocast dtype under autocast, else x's and
+        A's promoted: PEFT's LoRA casts x to the adapter dtype).
     """
     if backend not in BACKENDS:
         raise ValueError(f"apply_lora_experts: backend must be one of {BACKENDS}, got {backend!r}.")
     _check(x, lora_A, lora_B, expert_idx, expert_weights)
-    expert_idx = expert_idx.long()
-    x = x.to(lora_A.dtype)
-    if x.shape[0] == 0:
-        return x.new_zeros(0, lora_B.shape[1])
-    if backend == "triton":
-        raise NotImplementedError(
-            "apply_lora_experts: the fused Triton backend is not part of this release yet; use backend='torch' "
-            "(or 'auto', which falls back to it)."
+    if out is not None and out.shape != (x.shape[0], lora_B.shape[1]):
+        raise ValueError(
+            f"apply_lora_experts: out must be [T, out]={[x.shape[0], lora_B.shape[1]]}, got {list(out.shape)}."
         )
-    if backend in ("auto", "torch"):
-        backend = choose_torch_path(lora_A.shape[0], lora_A.shape[1], expert_idx.shape[1])
-    if backend == "dense":
-        return dense_gated(x, lora_A, lora_B, expert_idx, expert_weights, scaling)
-    return grouped(x, lora_A, lora_B, expert_idx, expert_weights, scaling)
+    if x.shape[0] == 0:
+        return out if out is not None else x.new_zeros(0, lora_B.shape[1], dtype=compute_dtype(x, lora_A))
+    path = choose_backend(x, lora_A, expert_idx.shape[1], backend)
+    return _apply(path, x, lora_A, lora_B, expert_idx, expert_weights, scaling, out, None, None)
+
+
+def linear_lora_experts(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    expert_idx: torch.Tensor,
+    expert_weights: torch.Tensor,
+    scaling: float,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """`F.linear(x, weight, bias) + apply_lora_experts(x, ...)` as one op: the delta is added into the base
+    output in place and, in backward, the LoRA part of dx into the base layer's dx buffer (one pass over dx
+    instead of three). Use it when the adapter sees the same x as the base layer (no dropout)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"linear_lora_experts: backend must be one of {BACKENDS}, got {backend!r}.")
+    _check(x, lora_A, lora_B, expert_idx, expert_weights)
+    if x.shape[0] == 0:
+        return torch.nn.functional.linear(x, weight, bias)
+    path = choose_backend(x, lora_A, expert_idx.shape[1], backend)
+    return _apply(path, x, lora_A, lora_B, expert_idx, expert_weights, scaling, None, weight, bias)
+
+
+def apply_lora_per_sample(
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    sample_adapter: torch.Tensor,
+    scaling: float,
+    backend: str = "auto",
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Batched multi-adapter LoRA: sample b of `x [B, S, in]` uses adapter `sample_adapter[b]` of the stack
+    `lora_A [N, r, in]`, `lora_B [N, out, r]` (-1: no adapter). The same kernels, one expert per token.
+
+    Training works too (PEFT's mixed-batch `adapter_names` path is inference-only). Returns `[B, S, out]`."""
+    batch, seq, d_in = x.shape
+    if sample_adapter.shape != (batch,):
+        raise ValueError(
+            f"apply_lora_per_sample: sample_adapter must be [B]={[batch]} (one adapter index per sample), got "
+            f"{list(sample_adapter.shape)}."
+        )
+    idx = sample_adapter.long().view(batch, 1, 1).expand(batch, seq, 1).reshape(batch * seq, 1)  # [B*S, 1]
+    w = torch.ones(batch * seq, 1, device=x.device, dtype=torch.float32)  # [B*S, 1]
+    flat_out = None if out is None else out.view(batch * seq, -1)
+    y = apply_lora_experts(x.reshape(batch * seq, d_in), lora_A, lora_B, idx, w, scaling, backend, flat_out)
+    return out if out is not None else y.view(batch, seq, -1)  # [B*S, out] -> [B, S, out]

@@ -1,0 +1,315 @@
+"""`moe-peft bench ops`: the routed-LoRA op against the ways other libraries apply LoRA experts.
+
+    moe-peft bench ops                 # default grid: small on CPU (< 2 min), the issue's grid on CUDA
+    moe-peft bench ops --grid full     # T 2k..16k, d 1k..8k, E 4..64, r 8..64, k 1,2
+    python -c "from moe_peft.bench import bench_ops; bench_ops()"
+
+Every row times one linear layer (frozen base + adapter) on the same tokens, forward and forward+backward
+separately, and prints ratios measured in this process (never asserted):
+  ours      the layer as moe-peft runs it (`linear_lora_experts`, backend="auto": Triton on CUDA, torch on CPU)
+  base      the bare frozen `F.linear` (overhead = layer - base)
+  peft      a PEFT LoRA layer of the same active rank k*r
+  loop      the per-expert Python loop of transformers' Mixtral (MoE-PEFT, mergoo, LoRAMoE do this)
+  einsum    dense all experts materialized as [E, T, out], mixed by the gate (X-LoRA / Arrow style)
+  torch     our torch path (CUDA only: the baseline the Triton kernel must beat by 1.15x)
+On CUDA it also prints the op's achieved bandwidth and its fraction of the copy bandwidth measured here
+(these shapes are memory-bound: docs/kernel.md). A second table compares per-sample adapter selection
+with PEFT's mixed-batch `adapter_names` forward (inference).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .ops import apply_lora_experts, apply_lora_per_sample, choose_backend, linear_lora_experts
+from .ops.reference import per_expert_loop
+
+# (T, d, E, r, k)
+CPU_GRID = [(2048, 1024, 4, 8, 1), (2048, 1024, 8, 16, 2), (2048, 1024, 16, 16, 1), (2048, 1024, 64, 8, 2)]
+GPU_GRID = [
+    (8192, 4096, 8, 16, 2),  # the issue's target shape
+    (2048, 1024, 4, 8, 1),
+    (2048, 4096, 8, 16, 2),
+    (8192, 4096, 4, 64, 1),
+    (8192, 4096, 16, 16, 2),
+    (8192, 4096, 64, 8, 2),
+    (16384, 4096, 8, 16, 2),
+    (8192, 8192, 8, 16, 2),
+    (16384, 8192, 64, 64, 2),
+]
+FULL_GRID = [
+    (t, d, e, r, k)
+    for t in (2048, 8192, 16384)
+    for d in (1024, 4096, 8192)
+    for e in (4, 16, 64)
+    for r in (8, 16, 64)
+    for k in (1, 2)
+]
+EINSUM_MAX_BYTES = 4 << 30
+MULTI_CPU = [(16, 128, 1024, 4, 16)]  # (samples, tokens each, d, adapters, r)
+MULTI_GPU = [(64, 256, 4096, 8, 16), (16, 512, 4096, 32, 16)]
+
+
+@dataclass
+class Case:
+    T: int
+    d: int
+    E: int
+    r: int
+    k: int
+    device: torch.device
+    dtype: torch.dtype
+
+    def tensors(self):
+        g = torch.Generator(self.device).manual_seed(0)
+        kw = dict(device=self.device, generator=g)
+        x = torch.randn(self.T, self.d, **kw).to(self.dtype).requires_grad_()
+        weight = (torch.randn(self.d, self.d, **kw) / self.d**0.5).to(self.dtype)
+        a = (torch.randn(self.E, self.r, self.d, **kw) / self.d**0.5).requires_grad_()  # fp32 adapters, as PEFT
+        b = (torch.randn(self.E, self.d, self.r, **kw) / self.r**0.5).requires_grad_()
+        idx = torch.rand(self.T, self.E, **kw).topk(self.k, dim=1).indices  # [T, k] uniform routing
+        w = torch.rand(self.T, self.k, **kw).softmax(-1).requires_grad_()
+        return x, weight, a, b, idx, w
+
+
+def _time(fn: Callable[[], object], device: torch.device, reps: int) -> float:
+    """Median milliseconds of fn over reps, after warm-up."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=max(reps * 10, 100), return_mode="median"))
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _fwd_and_train(layer: Callable[[], torch.Tensor], grads: list[torch.Tensor], device, reps):
+    dy = []
+
+    def fwd():
+        with torch.no_grad():
+            layer()
+
+    def train():
+        y = layer()
+        if not dy:
+            dy.append(torch.randn_like(y))
+        y.backward(dy[0])
+        for t in grads:
+            t.grad = None
+
+    return _time(fwd, device, reps), _time(train, device, reps)
+
+
+def _autocast(case: Case):
+    enabled = case.device.type == "cuda" and case.dtype != torch.float32
+    return torch.autocast(case.device.type, dtype=case.dtype, enabled=enabled)
+
+
+def layers(case: Case) -> dict[str, Callable[[], torch.Tensor]]:
+    """The same routed layer (frozen base + experts) as each implementation computes it."""
+    x, weight, a, b, idx, w = case.tensors()
+    s = 2.0
+    peft_layer = _peft_lora(weight, case.k * case.r)
+
+    def ours(backend="auto"):
+        def fn():
+            with _autocast(case):
+                return linear_lora_experts(x, weight, None, a, b, idx, w, s, backend=backend)
+
+        return fn
+
+    def base():
+        with _autocast(case):
+            return F.linear(x, weight)
+
+    def peft():
+        with _autocast(case):
+            return peft_layer(x)
+
+    def loop():
+        with _autocast(case):
+            return F.linear(x, weight) + per_expert_loop(x.to(a.dtype), a, b, idx, w, s).to(x.dtype)
+
+    def einsum():
+        with _autocast(case):
+            u = torch.einsum("ti,eri->etr", x.to(a.dtype), a)  # [E, T, r]
+            y_all = torch.einsum("etr,eor->eto", u, b)  # [E, T, out]: every expert on every token
+            gate = torch.zeros(case.T, case.E, device=x.device).scatter_add(1, idx, w)  # [T, E]
+            return F.linear(x, weight) + torch.einsum("eto,te->to", y_all, gate.to(y_all.dtype)) * s
+
+    fns = {"ours": ours(), "base": base, "peft": peft, "loop": loop}
+    if case.E * case.T * case.d * 4 <= EINSUM_MAX_BYTES:  # it materializes [E, T, out]
+        fns["einsum"] = einsum
+    if case.device.type == "cuda":
+        fns["torch"] = ours("torch")
+    fns["_grads"] = [x, a, b, w] + [p for p in peft_layer.parameters() if p.requires_grad]
+    return fns
+
+
+def _peft_lora(weight: torch.Tensor, rank: int) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    wrapper = nn.Sequential()
+    wrapper.add_module("lin", nn.Linear(weight.shape[1], weight.shape[0], bias=False))
+    wrapper.lin.weight.data = weight.detach().clone()
+    model = get_peft_model(wrapper, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["lin"]))
+    layer = model.base_model.model.lin.to(weight.device)
+    nn.init.normal_(layer.lora_B["default"].weight, std=0.01)
+    return layer
+
+
+def op_bytes(case: Case, train: bool) -> float:
+    """Bytes the op itself must move (docs/kernel.md section 4): x, A, B once, the output read and written
+    (added into the base output); backward adds dy, x, the base dx read and written, and dA, dB."""
+    act = torch.finfo(case.dtype).bits // 8
+    weights = case.E * case.r * 2 * case.d * 4  # fp32 A and B
+    fwd = case.T * case.d * act * 3 + weights
+    return fwd + (case.T * case.d * act * 4 + 2 * weights if train else 0)
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Achievable memory bandwidth (bytes/s): a 1 GiB device-to-device copy, read + write."""
+    src = torch.empty(1 << 28, device=device, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    ms = _time(lambda: dst.copy_(src), device, 20)
+    return 2 * src.numel() * 4 / (ms * 1e-3)
+
+
+def bench_grid(grid, device: torch.device, dtype: torch.dtype, reps: int, print_fn=print) -> list[dict]:
+    rows = []
+    bandwidth = copy_bandwidth(device) if device.type == "cuda" else None
+    if bandwidth:
+        print_fn(f"copy bandwidth measured here: {bandwidth / 1e12:.2f} TB/s")
+    head = (
+        f"{'T':>6} {'d':>5} {'E':>3} {'r':>3} {'k':>2} {'path':>13} | {'mode':>8} {'ours ms':>8} {'base ms':>8} "
+        f"{'/peft':>6} {'ovh/peft-ovh':>12} {'loop/':>6} {'einsum/':>7}"
+        + (f" {'torch/':>6} {'op GB/s':>8} {'%roof':>6}" if bandwidth else "")
+    )
+    print_fn(head)
+    for T, d, E, r, k in grid:
+        case = Case(T, d, E, r, k, device, dtype)
+        fns = layers(case)
+        grads = fns.pop("_grads")
+        times = {name: _fwd_and_train(fn, grads, device, reps) for name, fn in fns.items()}
+        op_times = None
+        if bandwidth:
+            op_times = _op_alone(case, device, reps)
+        x = torch.empty(1, d, device=device, dtype=dtype)
+        path = choose_backend(x.expand(T, d), torch.empty(E, r, d, device=device), k)
+        for i, mode in enumerate(("fwd", "fwd+bwd")):
+            t = {name: v[i] for name, v in times.items()}
+            ovh_ours, ovh_peft = t["ours"] - t["base"], t["peft"] - t["base"]
+            row = dict(T=T, d=d, E=E, r=r, k=k, path=path, mode=mode, **{f"{n}_ms": v for n, v in t.items()})
+            line = (
+                f"{T:>6} {d:>5} {E:>3} {r:>3} {k:>2} {path:>13} | {mode:>8} {t['ours']:>8.3f} {t['base']:>8.3f} "
+                f"{t['ours'] / t['peft']:>6.2f} {ovh_ours / max(ovh_peft, 1e-9):>12.2f} {t['loop'] / t['ours']:>6.2f} "
+                + (f"{t['einsum'] / t['ours']:>7.2f}" if "einsum" in t else f"{'-':>7}")
+            )
+            if bandwidth:
+                gbs = op_bytes(case, mode != "fwd") / (op_times[i] * 1e-3)
+                row.update(torch_ratio=t["torch"] / t["ours"], op_ms=op_times[i], op_gbs=gbs / 1e9)
+                line += f" {t['torch'] / t['ours']:>6.2f} {gbs / 1e9:>8.0f} {100 * gbs / bandwidth:>5.0f}%"
+            print_fn(line)
+            rows.append(row)
+        del fns, grads
+    return rows
+
+
+def _op_alone(case: Case, device, reps) -> tuple[float, float]:
+    """The op without the base GEMM: added into a preallocated output; backward writes dx, dA, dB, dw."""
+    x, _, a, b, idx, w = case.tensors()
+    out = torch.zeros(case.T, case.d, device=device, dtype=case.dtype)
+
+    def fwd():
+        with torch.no_grad(), _autocast(case):
+            apply_lora_experts(x, a, b, idx, w, 2.0, out=out)
+
+    def layer():
+        with _autocast(case):
+            return apply_lora_experts(x, a, b, idx, w, 2.0)
+
+    _, train = _fwd_and_train(layer, [x, a, b, w], device, reps)
+    return _time(fwd, device, reps), train
+
+
+def bench_multi_adapter(shapes, device, dtype, reps, print_fn=print) -> list[dict]:
+    """Per-sample adapter selection (inference): ours (one kernel, an expert index per token) vs PEFT's
+    mixed-batch `adapter_names` forward on a LoRA layer holding the same adapters."""
+    print_fn(
+        f"{'samples':>7} {'tokens':>6} {'d':>5} {'adapters':>8} {'r':>3} | {'ours ms':>8} {'peft ms':>8} {'peft/ours':>9}"
+    )
+    rows = []
+    for shape in shapes:
+        t_ours, t_peft, diff, scale = _multi_row(*shape, device, dtype, reps)
+        print_fn(
+            " ".join(f"{v:>{w}}" for v, w in zip(shape, (7, 6, 5, 8, 3)))
+            + f" | {t_ours:>8.3f} {t_peft:>8.3f} {t_peft / t_ours:>9.2f}   (max |ours - peft| = {diff:.1e},"
+            f" max |delta| = {scale:.1e})"
+        )
+        rows.append(dict(zip(("samples", "seq", "d", "adapters", "r"), shape), ours_ms=t_ours, peft_ms=t_peft))
+    return rows
+
+
+def _multi_row(n_samples, seq, d, n_adapters, r, device, dtype, reps):
+    from peft import LoraConfig, get_peft_model
+
+    g = torch.Generator(device).manual_seed(0)
+    wrapper = nn.Sequential()
+    wrapper.add_module("lin", nn.Linear(d, d, bias=False))
+    model = get_peft_model(wrapper, LoraConfig(r=r, lora_alpha=r, target_modules=["lin"]), adapter_name="a0")
+    for i in range(1, n_adapters):
+        model.add_adapter(f"a{i}", LoraConfig(r=r, lora_alpha=r, target_modules=["lin"]))
+    layer = model.base_model.model.lin.to(device=device, dtype=dtype)
+    names = [f"a{i}" for i in range(n_adapters)]
+    for name in names:
+        nn.init.normal_(layer.lora_B[name].weight, std=0.01)
+    a = torch.stack([layer.lora_A[n].weight for n in names]).detach()  # [N, r, d]
+    b = torch.stack([layer.lora_B[n].weight for n in names]).detach()  # [N, d, r]
+    x = torch.randn(n_samples, seq, d, device=device, generator=g).to(dtype)
+    choice = torch.randint(0, n_adapters, (n_samples,), device=device, generator=g)
+    adapter_names = [names[i] for i in choice.tolist()]
+
+    def ours():
+        with torch.no_grad():
+            out = F.linear(x, layer.base_layer.weight)
+            return apply_lora_per_sample(x, a, b, choice, 1.0, out=out)
+
+    def peft():
+        with torch.no_grad():
+            return layer._mixed_batch_forward(x, adapter_names=adapter_names)
+
+    with torch.no_grad():
+        scale = (peft() - F.linear(x, layer.base_layer.weight)).abs().max().item()  # the adapters' share
+    diff = (ours().float() - peft().float()).abs().max().item()
+    return _time(ours, device, reps), _time(peft, device, reps), diff, scale
+
+
+def bench_ops(grid: str = "default", device: Optional[str] = None, reps: Optional[int] = None, print_fn=print):
+    """Run both tables; returns their rows. grid: "default" or "full"."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    reps = reps or (20 if dev.type == "cuda" else 3)
+    if grid == "full":
+        shapes = FULL_GRID
+    else:
+        shapes = GPU_GRID if dev.type == "cuda" else CPU_GRID
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print_fn(f"moe-peft bench ops | {name} | {dtype} activations, fp32 adapters | torch {torch.__version__}")
+    print_fn("ratios: ours/peft (<1 faster than PEFT LoRA of rank k*r), ovh/peft-ovh (our overhead over the base")
+    print_fn("linear / PEFT's), loop/ and einsum/ (x faster than those), torch/ (x faster than our torch path)")
+    rows = bench_grid(shapes, dev, dtype, reps, print_fn)
+    multi = bench_multi_adapter(MULTI_GPU if dev.type == "cuda" else MULTI_CPU, dev, dtype, reps, print_fn)
+    return rows, multi
