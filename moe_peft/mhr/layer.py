@@ -1,6 +1,7 @@
 """The MHR / Poly tuner layer: a frozen base nn.Linear, a bank of LoRA skills split into heads, a task router.
 
-Parameters are mixed, not outputs (Poly sec. 3, MHR sec. 4): for a sample of task t,
+Parameters are mixed, not outputs (Poly: Ponti et al., EACL 2023; MHR: Caccia et al., NeurIPS 2023; the
+layout of PEFT's poly/layer.py and mttl's poly.py; docs/methods.md): for a sample of task t,
 
     A_t[h] = sum_s w[t, h, s] A[h, s]    (head h covers input features  h*in/H  .. (h+1)*in/H)
     B_t[h] = sum_s w[t, h, s] B[h, s]    (head h covers output features h*out/H .. (h+1)*out/H)

@@ -35,7 +35,7 @@ def set_mode(model: nn.Module, mode: str, adapter_name: Optional[str] = None, ad
     """Switch an MHR adapter between modes, in place; the adapter's config follows, so it saves and reloads as is.
 
     * "mhr": skills and routing train.
-    * "mhr_z": only the routing matrix trains, skills frozen (MHR-z, Caccia et al. sec. 5). `add_tasks=k` appends k
+    * "mhr_z": only the routing matrix trains, skills frozen (MHR-z in Caccia et al., NeurIPS 2023). `add_tasks=k` appends k
       fresh routing rows (U(-1e-3, 1e-3)) for new tasks, with ids n_tasks .. n_tasks + k - 1.
     * "mhr_mu": the skills are averaged into one LoRA per layer (per head: A = mean_s A[h, s], B = mean_s B[h, s],
       exactly what uniform routing mixes) and routing is dropped (MHR-mu); task_ids is no longer needed. One way:

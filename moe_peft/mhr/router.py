@@ -12,7 +12,7 @@ EPS = 1e-12  # keeps the per-head normalization finite if every sigmoid underflo
 class TaskRouter(nn.Module):
     """Routing weights per sample from its task id.
 
-    Poly (Ponti et al. 2023, sec. 3) / MHR (Caccia et al. 2023, sec. 4): z = Z[t] viewed as [n_splits, n_skills];
+    Poly (Ponti et al., EACL 2023) / MHR (Caccia et al., NeurIPS 2023), as in mttl's poly.py: z = Z[t] viewed as [n_splits, n_skills];
     zhat = sigmoid(z) in eval, a relaxed Bernoulli (Gumbel-sigmoid, temperature 1) sample in training when
     `relaxed_bernoulli`; w[h, s] = zhat[h, s] / sum_s zhat[h, s]. A normalized sum of sigmoids, not a softmax: equal
     logits give equal weights, and no skill ever gets exactly zero weight.

@@ -22,7 +22,7 @@ class PhatgooseConfig(PeftConfig):
         experts: names of the experts, in the order of the stacked banks (expert e is row e of every bank).
         r: rank of the stacked banks: the largest expert rank (smaller experts are zero-padded, which changes nothing).
         top_k: experts mixed per token and module under routing="top_k" (PHATGOOSE: 2).
-        routing: "top_k" is PHATGOOSE (sec. 3.2): logits LN(x) . LN(v_e) / sqrt(in), top-k, softmax over the kept.
+        routing: "top_k" is PHATGOOSE's routing (paper fig. 2, mttl's PhatgooseSelector): logits LN(x) . LN(v_e) / sqrt(in), top-k, softmax over the kept.
             The baselines of the paper, in the same model: "uniform" averages the experts' LoRA deltas (merged
             experts), "single" uses only `expert`, "oracle" uses each sample's own expert, given as the forward
             keyword `task_ids` (`[batch]` of expert indices).

@@ -1,4 +1,4 @@
-"""PHATGOOSE step 2: post-hoc gate training for one LoRA expert (Muqeeth et al. 2024, sec. 3.1).
+"""PHATGOOSE step 2: post-hoc gate training for one LoRA expert (Muqeeth et al., ICML 2024, method and fig. 2).
 
 Every adapted module of the expert gets a gate vector v [in], zero-initialized, and computes
 

@@ -1,6 +1,6 @@
 """The PHATGOOSE tuner layer: a frozen base nn.Linear, the stacked LoRA experts of a library, and their gate vectors.
 
-Routing (PHATGOOSE, Muqeeth et al. 2024, sec. 3.2; mttl's PhatgooseSelector), per token and per module:
+Routing (PHATGOOSE, Muqeeth et al., ICML 2024, fig. 2; mttl's PhatgooseSelector, r-three/phatgoose moe.py), per token and per module:
 
     x_n = LN(x), v_n = LN(v_e)        (layer norm over the features, no affine: gate norms differ widely
                                        between experts, so unnormalized the large ones would win everywhere)
