@@ -208,7 +208,7 @@ def test_triton_backend_errors_are_clear(monkeypatch):
 
 def test_auto_backend_choice():
     x, a = torch.randn(64, 8), torch.randn(8, 4, 8)
-    assert ops.choose_backend(x, a, k=2) == "dense"  # CPU: torch
+    assert ops.choose_backend(x, a, k=2) == "dense"  # CPU: torch, E*r = 32 <= 2*k*(r+8) = 48
     assert ops.choose_backend(x, torch.randn(64, 16, 8), k=1) == "grouped"  # CPU, many rank-16 experts
     assert ops.choose_backend(x, a, k=2, backend="triton") == "triton_dense"  # E*r = 32 <= DENSE_MAX_R
     assert ops.choose_backend(x, torch.randn(32, 16, 8), k=2, backend="triton") == "triton_sorted"  # E*r = 512

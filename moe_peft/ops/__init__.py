@@ -39,12 +39,13 @@ __all__ = [
 
 BACKENDS = ("auto", "torch", "dense", "grouped", "triton", "triton_dense", "triton_sorted")
 
-# Measured on a 2-core CPU, forward+backward, T=2048, d=512/1024 (benchmarks/cpu_paths.py): the grouped path
-# beats dense-gated only when dense does at least GROUPED_MIN_RATIO times the useful work (E / k experts
-# computed per selected one) AND each expert's rank is large enough (GROUPED_MIN_RANK) for its small GEMMs
-# to outweigh the gather/scatter. Rank-1 experts (SMoRA) are 10x faster dense at any E.
-GROUPED_MIN_RATIO = 16
-GROUPED_MIN_RANK = 16
+# Measured on a 2-core CPU, forward+backward, T=2048, d=1024 (benchmarks/cpu_paths.py, table in README.md):
+# dense-gated costs ~E*r columns per token, grouped ~k*(r + GROUPED_OVERHEAD_RANK) (its gather/scatter
+# passes cost about as much as 8 more rank columns). Grouped is used when dense would do more than
+# GROUPED_MIN_RATIO times its work: it then wins at every measured shape (rank 4..64, E 8..64), and dense
+# keeps the rank-1 SMoRA shapes (10x faster there) and dense routing (k = E).
+GROUPED_MIN_RATIO = 2
+GROUPED_OVERHEAD_RANK = 8
 # Path D reads x and writes y once but computes all E*r columns; Path S reads x and passes y k times but
 # computes k*r. docs/kernel.md puts the crossover at E*r ~ 200-270 on an H100 (a roofline estimate until
 # `moe-peft bench ops` measures it on a GPU).
@@ -57,7 +58,7 @@ _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 def choose_torch_path(num_experts: int, rank: int, k: int) -> str:
     """Which pure-torch algorithm `backend="torch"` uses for these shapes."""
-    if num_experts >= GROUPED_MIN_RATIO * k and rank >= GROUPED_MIN_RANK:
+    if num_experts * rank > GROUPED_MIN_RATIO * k * (rank + GROUPED_OVERHEAD_RANK):
         return "grouped"
     return "dense"
 
