@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moe_peft.ops import apply_lora_experts, choose_torch_path
-from moe_peft.ops.reference import dense_gated, grouped, per_expert_loop
+from moe_peft.ops.reference import dense_gated, per_expert_loop
 
 
 def oracle(x, a, b, idx, w, scaling):
@@ -35,10 +35,15 @@ def make_inputs(T, d_in, d_out, E, r, k, null_frac=0.0, seed=0, unused_expert=Tr
     return x, a, b, idx, w
 
 
-PATHS = {"dense": dense_gated, "grouped": grouped, "loop": per_expert_loop}
+def _backend(name):
+    return lambda x, a, b, idx, w, s: apply_lora_experts(x, a, b, idx, w, s, backend=name)
 
 
-@pytest.mark.parametrize("path", ["dense", "grouped", "loop"])
+# the public op's torch Functions (float64 here), the autograd reference, and the loop baseline
+PATHS = {"dense": _backend("dense"), "grouped": _backend("grouped"), "reference": dense_gated, "loop": per_expert_loop}
+
+
+@pytest.mark.parametrize("path", ["dense", "grouped", "reference", "loop"])
 @pytest.mark.parametrize(
     "T,d_in,d_out,E,r,k,null_frac",
     [
@@ -67,7 +72,7 @@ def test_paths_match_oracle_outputs_and_grads(path, T, d_in, d_out, E, r, k, nul
 def test_unused_expert_still_gets_a_gradient_tensor():
     # DDP must not need find_unused_parameters: every expert takes part in the graph
     x, a, b, idx, w = make_inputs(10, 6, 6, 5, 2, 1, unused_expert=True)
-    for fn in (dense_gated, grouped):
+    for fn in (PATHS["dense"], PATHS["grouped"]):
         a_, b_ = a.clone().requires_grad_(), b.clone().requires_grad_()
         fn(x, a_, b_, idx, w, 1.0).sum().backward()
         assert a_.grad is not None and b_.grad is not None

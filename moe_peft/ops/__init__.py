@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from .fused import RoutedLoRAFunction, TorchDense, TorchSorted, compute_dtype
-from .reference import dense_gated, expert_gate, grouped, per_expert_loop
+from .reference import dense_gated, expert_gate, per_expert_loop
 
 __all__ = [
     "apply_lora_experts",
@@ -32,7 +32,6 @@ __all__ = [
     "choose_torch_path",
     "expert_gate",
     "dense_gated",
-    "grouped",
     "per_expert_loop",
     "BACKENDS",
 ]

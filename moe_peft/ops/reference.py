@@ -1,14 +1,11 @@
 """Pure-torch paths of the routed-LoRA op; they run on any device and are the numerical reference.
 
-Two algorithms compute the same thing (see docs/kernel.md):
+* dense_gated: E experts of rank r are one LoRA of rank E*r with a per-token block gate G, through
+  plain autograd: the independent check of the Functions in fused.py (tests) and the algorithm's
+  shortest statement.
+* per_expert_loop: the loop transformers' Mixtral and most MoE-LoRA code use; a benchmark baseline.
 
-* dense-gated: E experts of rank r are one LoRA of rank E*r with a per-token block gate G. Two GEMMs,
-  no gather, no sort, every expert parameter in the graph (so DDP never sees an unused parameter).
-  Cost grows with E*r, not with k*r.
-* grouped: tokens sorted by expert, one small GEMM pair per expert that received tokens. Cost grows
-  with k*r plus a gather/scatter pass; it wins on CPU when E is much larger than k.
-
-`apply_lora_experts` in `moe_peft.ops` picks between them.
+The fast paths live in fused.py (torch) and triton_ops.py (Triton); docs/kernel.md describes them.
 """
 
 from __future__ import annotations
@@ -38,40 +35,6 @@ def dense_gated(x, lora_A, lora_B, expert_idx, expert_weights, scaling: float) -
     h = u.view(num_tokens, num_experts, rank) * gate.unsqueeze(-1)  # [T, E, r] * [T, E, 1]
     b_all = lora_B.permute(1, 0, 2).reshape(d_out, num_experts * rank)  # [E, out, r] -> [out, E*r]
     return (h.reshape(num_tokens, num_experts * rank) @ b_all.t()) * scaling  # [T, E*r] @ [E*r, out] -> [T, out]
-
-
-def grouped(x, lora_A, lora_B, expert_idx, expert_weights, scaling: float) -> torch.Tensor:
-    """Sort the (token, slot) pairs by expert and run one GEMM pair per expert that received tokens.
-
-    The loop is over experts (at most E iterations), never over tokens.
-    """
-    num_tokens, k = expert_idx.shape
-    num_experts, _, _ = lora_A.shape
-    d_out = lora_B.shape[1]
-    flat_idx = expert_idx.reshape(-1)  # [T*k]
-    flat_w = expert_weights.reshape(-1).to(x.dtype)  # [T*k]
-    pair_token = torch.arange(num_tokens, device=x.device).repeat_interleave(k)  # [T*k]
-    keep = flat_idx >= 0  # null experts cost nothing here
-    flat_idx, flat_w, pair_token = flat_idx[keep], flat_w[keep], pair_token[keep]  # [P]
-    order = torch.argsort(flat_idx, stable=True)  # [P], pairs grouped by expert
-    sorted_idx = flat_idx[order]
-    counts = torch.bincount(sorted_idx, minlength=num_experts).tolist()  # one host sync per call
-    tok = pair_token[order]  # [P]
-    w = flat_w[order]  # [P]
-    x_sorted = x.index_select(0, tok)  # [P, in]
-    out = x.new_zeros(num_tokens, d_out)  # [T, out]
-    start = 0
-    for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        xs = x_sorted[start : start + n]  # [n, in]
-        h = (xs @ lora_A[e].t()) * w[start : start + n, None]  # [n, r]
-        out.index_add_(0, tok[start : start + n], h @ lora_B[e].t())  # [n, out] added at token rows
-        start += n
-    # Experts that received no token still take part in the graph (zero gradient), so DDP does not need
-    # find_unused_parameters=True.
-    out = out + 0.0 * (lora_A.sum() + lora_B.sum())
-    return out * scaling
 
 
 def per_expert_loop(x, lora_A, lora_B, expert_idx, expert_weights, scaling: float) -> torch.Tensor:
