@@ -115,9 +115,11 @@ class PhatgooseLinear(nn.Module, DeltaMergeMixin, BaseTunerLayer):
     def _record_load(self, adapter: str, idx: torch.Tensor, lead_shape: torch.Size) -> None:
         """Fraction of (token, slot) picks per expert in this forward, padding excluded (for expert_load)."""
         mask = self._task_state.padding.token_mask(lead_shape)  # [T] bool or None
-        picks = (idx if mask is None else idx[mask]).reshape(-1)  # [T', k] -> [T' * k]
-        counts = torch.bincount(picks, minlength=self.phatgoose_config[adapter].num_experts).float()  # [E]
-        self.last_load[adapter] = counts / max(picks.numel(), 1)
+        # weights instead of boolean indexing / bincount: no host sync on this per-forward path
+        keep = idx.new_ones(idx.shape, dtype=torch.float32) if mask is None else mask[:, None].float().expand(idx.shape)
+        counts = keep.new_zeros(self.phatgoose_config[adapter].num_experts)  # [E]
+        counts.index_add_(0, idx.reshape(-1), keep.reshape(-1))  # picks per expert over real tokens
+        self.last_load[adapter] = counts / keep.sum().clamp_min(1.0)
 
     # -- merging: only the routings that make the library one fixed LoRA ------------------------------------------
     def merge_key(self, adapter: str) -> Optional[int]:
