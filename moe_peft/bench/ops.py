@@ -5,7 +5,8 @@
     python -c "from moe_peft.bench import bench_ops; bench_ops()"
 
 Every row times one linear layer (frozen base + adapter) on the same tokens, forward and forward+backward
-separately, and prints ratios measured in this process (never asserted):
+separately, as medians over interleaved repetitions (bench/timing.py), and prints ratios measured in this
+process (never asserted); a ratio whose denominator is within its noise prints as '-':
   ours      the layer as moe-peft runs it (`linear_lora_experts`, backend="auto": Triton on CUDA, torch on CPU)
   base      the bare frozen `F.linear` (overhead = layer - base)
   peft      a PEFT LoRA layer of the same active rank k*r
@@ -19,8 +20,6 @@ with PEFT's mixed-batch `adapter_names` forward (inference).
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Optional
@@ -29,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops import apply_lora_experts, apply_lora_per_sample, choose_backend, linear_lora_experts
-from .ops.reference import per_expert_loop
+from ..ops import apply_lora_experts, apply_lora_per_sample, choose_backend, linear_lora_experts
+from ..ops.reference import per_expert_loop
+from .timing import Timing, difference, fmt, interleaved, ratio
 
 # (T, d, E, r, k)
 CPU_GRID = [(2048, 1024, 4, 8, 1), (2048, 1024, 8, 16, 2), (2048, 1024, 16, 16, 1), (2048, 1024, 64, 8, 2)]
@@ -80,37 +80,32 @@ class Case:
         return x, weight, a, b, idx, w
 
 
-def _time(fn: Callable[[], object], device: torch.device, reps: int) -> float:
-    """Median milliseconds of fn over reps, after warm-up."""
-    if device.type == "cuda":
-        import triton.testing
+def _fwd_and_train(
+    layers: dict[str, Callable[[], torch.Tensor]], grads: list[torch.Tensor], device, reps
+) -> tuple[dict[str, Timing], dict[str, Timing]]:
+    """Forward (no grad) and forward+backward timings of every layer, each interleaved across the layers."""
+    dy: dict[tuple, torch.Tensor] = {}
 
-        return float(triton.testing.do_bench(fn, warmup=25, rep=max(reps * 10, 100), return_mode="median"))
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    def fwd(layer):
+        def run():
+            with torch.no_grad():
+                layer()
 
+        return run
 
-def _fwd_and_train(layer: Callable[[], torch.Tensor], grads: list[torch.Tensor], device, reps):
-    dy = []
+    def train(layer):
+        def run():
+            y = layer()
+            g = dy.setdefault(tuple(y.shape), torch.randn_like(y))
+            y.backward(g)
+            for t in grads:
+                t.grad = None
 
-    def fwd():
-        with torch.no_grad():
-            layer()
+        return run
 
-    def train():
-        y = layer()
-        if not dy:
-            dy.append(torch.randn_like(y))
-        y.backward(dy[0])
-        for t in grads:
-            t.grad = None
-
-    return _time(fwd, device, reps), _time(train, device, reps)
+    fwd_t = interleaved({n: fwd(f) for n, f in layers.items()}, device, reps)
+    train_t = interleaved({n: train(f) for n, f in layers.items()}, device, reps)
+    return fwd_t, train_t
 
 
 def _autocast(case: Case):
@@ -184,7 +179,7 @@ def copy_bandwidth(device: torch.device) -> float:
     """Achievable memory bandwidth (bytes/s): a 1 GiB device-to-device copy, read + write."""
     src = torch.empty(1 << 28, device=device, dtype=torch.float32)
     dst = torch.empty_like(src)
-    ms = _time(lambda: dst.copy_(src), device, 20)
+    ms = interleaved({"copy": lambda: dst.copy_(src)}, device, 20)["copy"].median
     return 2 * src.numel() * 4 / (ms * 1e-3)
 
 
@@ -194,7 +189,7 @@ def bench_grid(grid, device: torch.device, dtype: torch.dtype, reps: int, print_
     if bandwidth:
         print_fn(f"copy bandwidth measured here: {bandwidth / 1e12:.2f} TB/s")
     head = (
-        f"{'T':>6} {'d':>5} {'E':>3} {'r':>3} {'k':>2} {'path':>13} | {'mode':>8} {'ours ms':>8} {'base ms':>8} "
+        f"{'T':>6} {'d':>5} {'E':>3} {'r':>3} {'k':>2} {'path':>13} | {'mode':>8} {'ours ms±iqr/2':>14} {'base ms':>14} "
         f"{'/peft':>6} {'ovh/peft-ovh':>12} {'loop/':>6} {'einsum/':>7}"
         + (f" {'torch/':>6} {'op GB/s':>8} {'%roof':>6}" if bandwidth else "")
     )
@@ -203,32 +198,39 @@ def bench_grid(grid, device: torch.device, dtype: torch.dtype, reps: int, print_
         case = Case(T, d, E, r, k, device, dtype)
         fns = layers(case)
         grads = fns.pop("_grads")
-        times = {name: _fwd_and_train(fn, grads, device, reps) for name, fn in fns.items()}
-        op_times = None
-        if bandwidth:
-            op_times = _op_alone(case, device, reps)
+        timings = _fwd_and_train(fns, grads, device, reps)
+        op_times = _op_alone(case, device, reps) if bandwidth else None
         x = torch.empty(1, d, device=device, dtype=dtype)
         path = choose_backend(x.expand(T, d), torch.empty(E, r, d, device=device), k)
         for i, mode in enumerate(("fwd", "fwd+bwd")):
-            t = {name: v[i] for name, v in times.items()}
-            ovh_ours, ovh_peft = t["ours"] - t["base"], t["peft"] - t["base"]
-            row = dict(T=T, d=d, E=E, r=r, k=k, path=path, mode=mode, **{f"{n}_ms": v for n, v in t.items()})
+            t = timings[i]
+            ovh_ours, ovh_peft = difference(t["ours"], t["base"]), difference(t["peft"], t["base"])
+            row = dict(T=T, d=d, E=E, r=r, k=k, path=path, mode=mode)
+            row.update({f"{n}_ms": v.median for n, v in t.items()})
+            row.update({f"{n}_spread_ms": v.spread for n, v in t.items()})
+            row.update(
+                ours_over_peft=ratio(t["ours"], t["peft"]),
+                ovh_over_peft_ovh=ratio(ovh_ours, ovh_peft),
+                loop_over_ours=ratio(t["loop"], t["ours"]),
+                einsum_over_ours=ratio(t["einsum"], t["ours"]) if "einsum" in t else None,
+            )
             line = (
-                f"{T:>6} {d:>5} {E:>3} {r:>3} {k:>2} {path:>13} | {mode:>8} {t['ours']:>8.3f} {t['base']:>8.3f} "
-                f"{t['ours'] / t['peft']:>6.2f} {ovh_ours / max(ovh_peft, 1e-9):>12.2f} {t['loop'] / t['ours']:>6.2f} "
-                + (f"{t['einsum'] / t['ours']:>7.2f}" if "einsum" in t else f"{'-':>7}")
+                f"{T:>6} {d:>5} {E:>3} {r:>3} {k:>2} {path:>13} | {mode:>8} {str(t['ours']):>14} "
+                f"{str(t['base']):>14} {fmt(row['ours_over_peft'])} {fmt(row['ovh_over_peft_ovh'], 12)} "
+                f"{fmt(row['loop_over_ours'])} {fmt(row['einsum_over_ours'], 7)}"
             )
             if bandwidth:
-                gbs = op_bytes(case, mode != "fwd") / (op_times[i] * 1e-3)
-                row.update(torch_ratio=t["torch"] / t["ours"], op_ms=op_times[i], op_gbs=gbs / 1e9)
-                line += f" {t['torch'] / t['ours']:>6.2f} {gbs / 1e9:>8.0f} {100 * gbs / bandwidth:>5.0f}%"
+                op_ms = op_times[i].median
+                gbs = op_bytes(case, mode != "fwd") / (op_ms * 1e-3)
+                row.update(torch_ratio=ratio(t["torch"], t["ours"]), op_ms=op_ms, op_gbs=gbs / 1e9)
+                line += f" {fmt(row['torch_ratio'])} {gbs / 1e9:>8.0f} {100 * gbs / bandwidth:>5.0f}%"
             print_fn(line)
             rows.append(row)
         del fns, grads
     return rows
 
 
-def _op_alone(case: Case, device, reps) -> tuple[float, float]:
+def _op_alone(case: Case, device, reps) -> tuple[Timing, Timing]:
     """The op without the base GEMM: added into a preallocated output; backward writes dx, dA, dB, dw."""
     x, _, a, b, idx, w = case.tensors()
     out = torch.zeros(case.T, case.d, device=device, dtype=case.dtype)
@@ -241,8 +243,8 @@ def _op_alone(case: Case, device, reps) -> tuple[float, float]:
         with _autocast(case):
             return apply_lora_experts(x, a, b, idx, w, 2.0)
 
-    _, train = _fwd_and_train(layer, [x, a, b, w], device, reps)
-    return _time(fwd, device, reps), train
+    _, train = _fwd_and_train({"op": layer}, [x, a, b, w], device, reps)
+    return interleaved({"op": fwd}, device, reps)["op"], train["op"]
 
 
 def bench_multi_adapter(shapes, device, dtype, reps, print_fn=print) -> list[dict]:
@@ -253,13 +255,17 @@ def bench_multi_adapter(shapes, device, dtype, reps, print_fn=print) -> list[dic
     )
     rows = []
     for shape in shapes:
-        t_ours, t_peft, diff, scale = _multi_row(*shape, device, dtype, reps)
+        t, diff, scale = _multi_row(*shape, device, dtype, reps)
+        speedup = ratio(t["peft"], t["ours"])
         print_fn(
             " ".join(f"{v:>{w}}" for v, w in zip(shape, (7, 6, 5, 8, 3)))
-            + f" | {t_ours:>8.3f} {t_peft:>8.3f} {t_peft / t_ours:>9.2f}   (max |ours - peft| = {diff:.1e},"
-            f" max |delta| = {scale:.1e})"
+            + f" | {t['ours'].median:>8.3f} {t['peft'].median:>8.3f} {fmt(speedup, 9)}   (max |ours - peft| ="
+            f" {diff:.1e}, max |delta| = {scale:.1e})"
         )
-        rows.append(dict(zip(("samples", "seq", "d", "adapters", "r"), shape), ours_ms=t_ours, peft_ms=t_peft))
+        rows.append(
+            dict(zip(("samples", "seq", "d", "adapters", "r"), shape), ours_ms=t["ours"].median,
+                 peft_ms=t["peft"].median, peft_over_ours=speedup)
+        )  # fmt: skip
     return rows
 
 
@@ -294,14 +300,14 @@ def _multi_row(n_samples, seq, d, n_adapters, r, device, dtype, reps):
     with torch.no_grad():
         scale = (peft() - F.linear(x, layer.base_layer.weight)).abs().max().item()  # the adapters' share
     diff = (ours().float() - peft().float()).abs().max().item()
-    return _time(ours, device, reps), _time(peft, device, reps), diff, scale
+    return interleaved({"ours": ours, "peft": peft}, device, reps), diff, scale
 
 
 def bench_ops(grid: str = "default", device: Optional[str] = None, reps: Optional[int] = None, print_fn=print):
     """Run both tables; returns their rows. grid: "default" or "full"."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    reps = reps or (20 if dev.type == "cuda" else 3)
+    reps = reps or (20 if dev.type == "cuda" else 7)
     if grid == "full":
         shapes = FULL_GRID
     else:
