@@ -12,6 +12,7 @@ from torch import nn
 
 from .config import MoELoraConfig, SMoRAConfig
 from .context import RoutingContext, attach_router_loss, router_loss_probe
+from .experts import MoELoraExperts, inject_fused_experts
 from .layer import LoRAMoELinear, MoELoraLinear, MoLELinear, SMoRALinear
 
 _MLP = ["gate_proj", "up_proj", "down_proj"]
@@ -110,13 +111,23 @@ class MoELoraModel(BaseTuner):
             raise TypeError(f"{current_key} already holds a {type(target).__name__} from another PEFT method.")
         if not isinstance(target, nn.Linear):
             raise TypeError(
-                f"Target module {current_key} is a {type(target).__name__}; moe_peft adapts nn.Linear modules only. "
-                "Remove it from target_modules (or exclude it with exclude_modules)."
+                f"Target module {current_key} is a {type(target).__name__}; target_modules adapts nn.Linear modules "
+                "only. Remove it from target_modules (or exclude it with exclude_modules); name fused 3-D expert "
+                "weights in target_parameters instead."
             )
         new_module = self.tuner_layer_cls(target, adapter_name, config, self.routing_ctx)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # an added adapter is not trainable until set_adapter
         self._replace_module(parent, target_name, new_module, target)
+
+    def _inject_parameters(self, peft_config, model, adapter_name, low_cpu_mem_usage) -> list[str]:
+        return inject_fused_experts(self, peft_config, model, adapter_name)  # one layer per experts module
+
+    def _replace_module(self, parent, child_name, new_module, child) -> None:
+        if isinstance(child, MoELoraExperts):  # unloading: fused experts have no `weight` for PEFT to carry over
+            setattr(parent, child_name, new_module)
+            return
+        super()._replace_module(parent, child_name, new_module, child)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         super().inject_adapter(model, adapter_name, *args, **kwargs)
