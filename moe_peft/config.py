@@ -118,8 +118,7 @@ class MoELoraConfig(PeftConfig):
         if self.kernel_backend not in BACKENDS:
             raise _bad("kernel_backend", self.kernel_backend, f"use one of {BACKENDS}.")
         if self.target_parameters is not None and (
-            isinstance(self.target_parameters, str)
-            or not all(isinstance(t, str) and t for t in self.target_parameters)
+            isinstance(self.target_parameters, str) or not all(isinstance(t, str) and t for t in self.target_parameters)
         ):
             raise _bad(
                 "target_parameters",

@@ -15,7 +15,7 @@ import copy
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
 from torch import nn
 
-from .layer import EXPERTS_LAYERS, MoELoraExperts
+from .layer import EXPERTS_LAYERS
 from .layout import read_layout, unsupported
 
 
@@ -40,8 +40,8 @@ def find_expert_parameters(model: nn.Module, config) -> dict[str, list[str]]:
                 found.setdefault(unwrapped, []).append(param_name)
     selected = {}
     for name, params in found.items():
-        probe = copy.copy(config)  # PEFT's own module filter, applied to the experts module's name
-        probe.target_modules = {name}
+        probe = copy.copy(config)  # PEFT's own module filter, applied to the experts module's name (by suffix:
+        probe.target_modules = {name.rpartition(".")[2]}  # PEFT checks layers_to_transform on suffix matches only)
         if check_target_module_exists(probe, name):
             selected[name] = params
     return selected
@@ -64,7 +64,7 @@ def inject_fused_experts(tuner: BaseTuner, config, model: nn.Module, adapter_nam
                 f"{name}.{wrong[0]}", base, f"is not one of the expert weights {layout.param_names} of this module"
             )
         params = [p for p in layout.param_names if p in params]
-        if isinstance(target, MoELoraExperts) and target.prefix == tuner.prefix:
+        if isinstance(target, layer_cls):
             target.update_layer(adapter_name, config, params)
         elif isinstance(target, BaseTunerLayer):
             raise TypeError(f"{name} already holds a {type(target).__name__} from another PEFT method.")
