@@ -224,7 +224,13 @@ def test_rslora_imports_with_its_scaling():
 
 @pytest.mark.parametrize(
     "option, match",
-    [(dict(use_dora=True), "use_dora"), (dict(lora_bias=True), "lora_bias"), (dict(bias="all"), "bias")],
+    [
+        (dict(use_dora=True), "use_dora"),
+        (dict(lora_bias=True), "lora_bias"),
+        (dict(bias="all"), "bias"),
+        (dict(rank_pattern={"q_proj": 4}), "rank_pattern"),
+        (dict(modules_to_save=["lm_head"]), "modules_to_save"),
+    ],
 )
 def test_import_refuses_lora_options_it_cannot_reproduce(option, match):
     base = tiny_moe("mixtral")
@@ -469,3 +475,108 @@ def test_cuda_bf16_uses_grouped_mm_without_a_loop_and_matches_fp32():
     with torch.no_grad():
         got = model16(input_ids=ids).logits.float()
     assert (got - want).abs().max() < 0.05 * want.abs().max()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# save / load in a fresh process; every token-routed method; RoMA on the base routers
+
+FRESH = """
+import sys, torch
+import warnings
+import moe_peft  # registers the methods
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+warnings.simplefilter("error", UserWarning)  # a missing or unexpected adapter key fails here
+root = sys.argv[1]
+ref = torch.load(f"{root}/ref.pt")
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(f"{root}/base"), f"{root}/adapter").eval()
+layer = model.base_model.model.model.layers[0].mlp.experts
+assert type(layer).__name__ == "MoLEExperts", type(layer)
+with torch.no_grad():
+    logits = model(input_ids=ref["input_ids"]).logits
+assert torch.equal(logits, ref["logits"]), (logits - ref["logits"]).abs().max()
+print("FRESH-PROCESS-OK")
+"""
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_save_and_reload_in_a_fresh_process(tmp_path, arch):
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    base = tiny_moe(arch)
+    base.save_pretrained(tmp_path / "base")
+    config = moe_peft.MoLEConfig(r=4, target_modules=["q_proj"], num_experts=2, target_parameters=EXPERTS)
+    model = get_peft_model(base, config).eval()
+    _randomize(model)
+    model.save_pretrained(tmp_path / "adapter")
+    keys = load_file(tmp_path / "adapter" / "adapter_model.safetensors").keys()
+    assert "base_model.model.model.layers.0.mlp.experts.mole_A.gate_up_proj" in keys
+    assert all("mole_" in k for k in keys)  # the adapter only, no base expert weight
+    ids = _ids()
+    with torch.no_grad():
+        torch.save({"input_ids": ids, "logits": model(input_ids=ids).logits}, tmp_path / "ref.pt")
+    script = tmp_path / "fresh.py"
+    script.write_text(FRESH)
+    result = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert "FRESH-PROCESS-OK" in result.stdout, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize(
+    "config_cls, prefix",
+    [(moe_peft.MoLEConfig, "mole_"), (moe_peft.LoRAMoEConfig, "loramoe_"), (moe_peft.SMoRAConfig, "smora_")],
+)
+def test_every_token_routed_method_takes_target_parameters(config_cls, prefix):
+    extra = dict(top_k=2) if prefix == "smora_" else {}
+    config = config_cls(r=4, target_modules=["v_proj"], target_parameters=EXPERTS, **extra)
+    model = get_peft_model(tiny_moe("olmoe"), config)
+    layer = model.base_model.model.model.layers[0].mlp.experts
+    assert isinstance(layer, MoELoraExperts) and layer.prefix == prefix
+    assert layer.scalings["default"] == model.peft_config["default"].lora_alpha / 4  # PEFT's LoRA scaling
+    assert layer.experts_A["default"]["down_proj"].shape == (4, 4, 48)  # [E, r, ff]
+    _randomize(model)
+    model.train()
+    ids = _ids()
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad and "experts" in n}
+    assert grads and all(g is not None and g.abs().max() > 0 for g in grads.values())
+
+
+def test_roma_on_the_base_routers_combines_with_expert_lora(tmp_path):
+    """Two adapters on one model: RoMA wraps the base routers, the expert LoRA wraps the experts (docs/methods.md)."""
+    from peft import PeftModel
+
+    base = tiny_moe("mixtral")
+    base.save_pretrained(tmp_path / "base")
+    roma = get_peft_model(base, moe_peft.RoMAConfig(num_last_layers=2))
+    config = moe_peft.MoLEConfig(r=4, target_modules=["q_proj"], num_experts=2, target_parameters=EXPERTS)
+    model = get_peft_model(roma.base_model.model, config, adapter_name="experts")
+    _randomize(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("roma_router" in n for n in trainable) and any("experts.mole_A" in n for n in trainable)
+    assert not any("mlp.gate.base_layer" in n or "base_layer.gate_up_proj" in n for n in trainable)
+    model.train()
+    ids = _ids()
+    out = model(input_ids=ids, labels=ids)
+    loss = out.loss + moe_peft.roma.routing_representation(roma).square().mean()  # a stand-in regularizer
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert all(grads[n] is not None and grads[n].abs().max() > 0 for n in grads if "roma_router" in n)
+    assert any(grads[n].abs().max() > 0 for n in grads if "experts.mole_B" in n)
+    with torch.no_grad():
+        for p in roma.parameters():
+            if p.requires_grad:
+                p.add_(0.05)  # the routers moved: the reload must bring them back
+        model.eval()
+        want = model(input_ids=ids).logits
+    roma.save_pretrained(tmp_path / "roma", selected_adapters=["default"])
+    model.save_pretrained(tmp_path / "lora", selected_adapters=["experts"])
+    from transformers import AutoModelForCausalLM
+
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "roma")
+    reloaded = PeftModel.from_pretrained(reloaded.base_model.model, tmp_path / "lora" / "experts", adapter_name="experts")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.eval()(input_ids=ids).logits, want)

@@ -21,37 +21,31 @@ from ..config import MoLEConfig
 from ..layer import MoELoraLinear
 from .layer import MoELoraExperts
 
-# LoRA options whose layers are not a plain `s B A x`; an adapter using any of them is refused, naming the field
-_UNSUPPORTED = {
-    "use_dora": False,
-    "lora_bias": False,
-    "fan_in_fan_out": False,
-    "rank_pattern": {},
-    "alpha_pattern": {},
-    "trainable_token_indices": None,
-    "layer_replication": None,
-    "modules_to_save": None,
-}
+# LoRA options whose layers are not a plain `s B A x` with one rank and one alpha; an adapter that sets any of them
+# is refused, naming the field (variants such as DoRA or aLoRA are caught on the live layers, see _read)
+_UNSUPPORTED = (
+    "fan_in_fan_out",
+    "rank_pattern",
+    "alpha_pattern",
+    "modules_to_save",
+    "trainable_token_indices",
+    "layer_replication",
+    "lora_bias",
+)
 
 
 def _check(config: LoraConfig) -> None:
     if getattr(config.peft_type, "value", config.peft_type) != "LORA":
         raise ValueError(f"import_lora_adapter reads PEFT LoRA adapters, got peft_type {config.peft_type}.")
-    for name, plain in _UNSUPPORTED.items():
-        value = getattr(config, name, plain)
-        if value not in (plain, None) and value != type(plain)():
+    for name in _UNSUPPORTED:
+        value = getattr(config, name, None)
+        if value not in (None, False) and value != {} and value != []:
             raise ValueError(
                 f"import_lora_adapter: the LoRA adapter sets {name}={value!r}, which has no moe-peft equivalent yet; "
-                f"only plain LoRA ({name}={plain!r}) converts exactly."
+                "only plain LoRA (one rank, one alpha, no bias, no extra trained modules) converts exactly."
             )
     if config.bias != "none":
-        raise ValueError(
-            f"import_lora_adapter: bias={config.bias!r} is not supported; use LoRA adapters with bias='none'."
-        )
-    if any(getattr(config, n, None) for n in ("velora_config", "kasa_config")) or not isinstance(
-        config.init_lora_weights, (bool, str)
-    ):
-        raise ValueError("import_lora_adapter: only plain LoRA converts exactly (no VeLoRA/KaSA variants).")
+        raise ValueError(f"import_lora_adapter: bias={config.bias!r} is not supported; use LoRA adapters with bias='none'.")
 
 
 def _read(peft_model: PeftModel, adapter: str) -> tuple[dict, dict]:
@@ -62,6 +56,12 @@ def _read(peft_model: PeftModel, adapter: str) -> tuple[dict, dict]:
     for name, module in peft_model.base_model.model.named_modules():
         if not isinstance(module, LoraLayer) or adapter not in module.lora_A:
             continue
+        variant = getattr(module, "lora_variant", {}).get(adapter)
+        if variant is not None:
+            raise ValueError(
+                f"import_lora_adapter: {name} uses the LoRA variant {type(variant).__name__} (use_dora, "
+                "alora_invocation_tokens, arrow_config, ...); only plain LoRA converts exactly."
+            )
         a, b = module.lora_A[adapter].weight.detach(), module.lora_B[adapter].weight.detach()
         if isinstance(module, ParamWrapper):
             num_experts = module.num_experts
@@ -102,8 +102,10 @@ def import_lora_adapter(
         lora = PeftConfig.from_pretrained(str(path_or_peft_model))
         _check(lora)
         source = PeftModel.from_pretrained(base_model, str(path_or_peft_model))
-        linears, experts = _read(source, "default")
-        base_model = source.unload()  # the same base model, without PEFT's layers
+        try:
+            linears, experts = _read(source, "default")
+        finally:
+            base_model = source.unload()  # the same base model, without PEFT's layers
     rank = lora.r
     # rsLoRA scales by alpha / sqrt(r); ours by alpha / r: the same scaling with alpha' = alpha * sqrt(r)
     alpha = lora.lora_alpha * math.sqrt(rank) if lora.use_rslora else lora.lora_alpha
