@@ -131,3 +131,53 @@ def tiny_moe(
     config = getattr(transformers, config_name)(**{**common, **extra})
     torch.manual_seed(seed)
     return getattr(transformers, model_name)(config).eval()
+
+
+def pretrain_tiny_moe(
+    arch: str,
+    tokenizer,
+    steps: int,
+    out_dir: str,
+    seed: int = 0,
+    tasks=None,
+    batch_size: int = 32,
+    lr: float = 3e-3,
+) -> str:
+    """A tiny MoE model (4 layers, 8 experts, top-2) trained in full on bundled tasks, saved under `out_dir` and
+    reused from there: a base that knows something, for the MoE examples. Returns its directory."""
+    import os
+
+    from .data import DEFAULT_TASKS, Collator, make_dataset
+
+    tasks = tuple(tasks or DEFAULT_TASKS)
+    path = os.path.join(out_dir, f"base-{arch}-{steps}-{seed}-{'-'.join(tasks)}")
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    model = tiny_moe(
+        arch,
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=64,
+        num_layers=4,
+        num_experts=8,
+        intermediate_size=128,
+        seed=seed,
+    )
+    data = make_dataset(steps * batch_size, tasks=tasks, seed=seed, tokenizer=tokenizer)
+    loader = torch.utils.data.DataLoader(
+        data.remove_columns(["task", "prompt", "completion", "sample_type"]),
+        batch_size=batch_size,
+        shuffle=True,
+        collate_fn=Collator(tokenizer),
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    model.train()
+    for step, batch in enumerate(loader):
+        if step == steps:
+            break
+        model(**batch).loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.eval().save_pretrained(path)
+    return path

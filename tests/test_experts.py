@@ -577,6 +577,8 @@ def test_roma_on_the_base_routers_combines_with_expert_lora(tmp_path):
     from transformers import AutoModelForCausalLM
 
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "roma")
-    reloaded = PeftModel.from_pretrained(reloaded.base_model.model, tmp_path / "lora" / "experts", adapter_name="experts")
+    reloaded = PeftModel.from_pretrained(
+        reloaded.base_model.model, tmp_path / "lora" / "experts", adapter_name="experts"
+    )
     with torch.no_grad():
         torch.testing.assert_close(reloaded.eval()(input_ids=ids).logits, want)

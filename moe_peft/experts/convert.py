@@ -45,7 +45,9 @@ def _check(config: LoraConfig) -> None:
                 "only plain LoRA (one rank, one alpha, no bias, no extra trained modules) converts exactly."
             )
     if config.bias != "none":
-        raise ValueError(f"import_lora_adapter: bias={config.bias!r} is not supported; use LoRA adapters with bias='none'.")
+        raise ValueError(
+            f"import_lora_adapter: bias={config.bias!r} is not supported; use LoRA adapters with bias='none'."
+        )
 
 
 def _read(peft_model: PeftModel, adapter: str) -> tuple[dict, dict]:
