@@ -157,6 +157,9 @@ def main(argv=None) -> dict:
     if args.roma:  # the routers first: RoMA wraps them, the expert LoRA then wraps the experts around them
         roma = get_peft_model(base, RoMAConfig(num_last_layers=2, lambda_warmup_steps=max(1, args.steps // 6)))
         base = roma.base_model.model
+        # PEFT warns about a second get_peft_model on one model: intended here (two adapter types, docs/methods.md)
+        warnings.filterwarnings("ignore", message=".*modify a model with PEFT for a second time.*")
+        warnings.filterwarnings("ignore", message=".*Already found a `peft_config` attribute.*")
     config = moe_peft.MoLEConfig(
         r=args.r,
         lora_alpha=2 * args.r,

@@ -582,3 +582,46 @@ def test_roma_on_the_base_routers_combines_with_expert_lora(tmp_path):
     )
     with torch.no_grad():
         torch.testing.assert_close(reloaded.eval()(input_ids=ids).logits, want)
+
+
+@pytest.mark.parametrize("arch, shared", [("qwen2_moe", "shared_expert"), ("deepseek_v3", "shared_experts")])
+def test_shared_experts_take_a_routed_method_next_to_the_expert_lora(arch, shared):
+    targets = [f"{shared}.gate_proj", f"{shared}.up_proj", f"{shared}.down_proj"]
+    config = moe_peft.MoLEConfig(r=4, num_experts=3, top_k=1, target_modules=targets, target_parameters=EXPERTS)
+    model = get_peft_model(tiny_moe(arch), config)
+    _randomize(model)
+    mlp = model.base_model.model.model.layers[0].mlp
+    block = getattr(mlp, shared)
+    assert isinstance(block.gate_proj, MoELoraLinear) and "default" in block.gate_proj.routers  # one router per block
+    assert isinstance(mlp.experts, MoELoraExperts)
+    model.train()
+    ids = _ids()
+    out = model(input_ids=ids, labels=ids)
+    assert out.router_loss > 0
+    out.loss.backward()
+    assert block.gate_proj.routers["default"].linear.weight.grad.abs().max() > 0
+    assert mlp.experts.experts_B["default"]["down_proj"].grad.abs().max() > 0
+
+
+def test_autocast_bf16_trains_close_to_fp32():
+    model = _experts_model(target_modules=["q_proj"], num_experts=2)
+    ids = _ids()
+    model.train()
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(input_ids=ids, labels=ids)
+    assert (out.logits.float() - want).abs().max() < 0.05 * want.abs().max()
+    out.loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if p.requires_grad and "experts.mole" in n]
+    assert grads and all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+
+def test_an_unexpected_experts_call_raises_instead_of_skipping_the_adapter():
+    layer = _experts_model().base_model.model.model.layers[0].mlp.experts
+    x, idx, w = torch.randn(3, 32), torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 2)
+    assert layer(x, top_k_index=idx, top_k_weights=w).shape == (3, 32)  # keywords of the base forward work
+    with pytest.raises(TypeError, match="calls its experts differently"):
+        layer(x, idx, w, torch.ones(3))
+    with pytest.raises(TypeError, match="calls its experts differently"):
+        layer(x[None], idx, w)

@@ -125,18 +125,22 @@ class MoELoraExperts(nn.Module, BaseTunerLayer):
                 bank[adapter_name] = bank[adapter_name].to(device or weight.device, dtype=dtype)
 
     # -- forward -------------------------------------------------------------------------------------
-    def _routing_args(self, args: tuple, kwargs: dict) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    def _routing_args(self, hidden_states: torch.Tensor, args: tuple, kwargs: dict) -> tuple[torch.Tensor, ...]:
         values = list(args) + [kwargs[n] for n in self._routing_names if n in kwargs]
-        if len(values) != 2 or len(kwargs) != sum(n in kwargs for n in self._routing_names):
-            return None  # a call we do not recognize: leave it to the base module
+        if len(values) != 2 or len(kwargs) != sum(n in kwargs for n in self._routing_names) or hidden_states.dim() != 2:
+            raise TypeError(
+                f"{type(self).__name__} around {type(self.base_layer).__name__} applies LoRA to a call "
+                f"(hidden_states [T, d], {', '.join(self._routing_names)}), but got hidden_states of shape "
+                f"{tuple(hidden_states.shape)}, {len(args)} more positional and keywords {sorted(kwargs)}; this "
+                "model calls its experts differently: remove them from target_parameters."
+            )
         return values[0], values[1]
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         adapters = [a for a in self.active_adapters if a in self.experts_A]
-        routing = self._routing_args(args, kwargs)
-        if self.disable_adapters or self.merged or not adapters or routing is None or hidden_states.numel() == 0:
+        if self.disable_adapters or self.merged or not adapters or hidden_states.numel() == 0:
             return self.base_layer(hidden_states, *args, **kwargs)
-        top_k_index, top_k_weights = routing
+        top_k_index, top_k_weights = self._routing_args(hidden_states, args, kwargs)
         base, layout = self.base_layer, self.layout
         num_tokens, k = top_k_index.shape
         pairs = sort_pairs(top_k_index, layout.num_experts, like=getattr(base, layout.up_name))
