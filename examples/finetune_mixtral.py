@@ -34,28 +34,15 @@ from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 import moe_peft
-from moe_peft.data import CharTokenizer, Collator, make_samples, tokenize_sample
+from moe_peft.data import CharTokenizer, Collator, make_samples, tokenize_rows
 from moe_peft.experts import MoELoraExperts
 from moe_peft.roma import RoMAConfig, alignment_loss, build_reference, exact_match_success
-from moe_peft.roma.embeddings import encode_text
 from moe_peft.tiny import pretrain_tiny_moe
 
 BASE_TASKS = ("cpy", "dup", "rev")  # what the tiny base learns in full
 TASKS = ("rev", "srt", "sft", "alt")  # fine-tuning: one task the base knows (RoMA's successful samples), three new
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 EXPERTS = ["experts.gate_up_proj", "experts.down_proj"]
-
-
-def tokenize(samples: list[dict], tokenizer) -> list[dict]:
-    """prompt + completion + EOS, loss on the completion only (CharTokenizer or a transformers tokenizer)."""
-    if isinstance(tokenizer, CharTokenizer):
-        return [{**s, **tokenize_sample(s, tokenizer)} for s in samples]
-    rows = []
-    for s in samples:
-        prompt = encode_text(tokenizer, s["prompt"])
-        answer = tokenizer(s["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        rows.append({**s, "input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer})
-    return rows
 
 
 def load_base(args, tokenizer, base_path: str):
@@ -149,7 +136,7 @@ def main(argv=None) -> dict:
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
     collator = Collator(tokenizer)
-    train = tokenize(make_samples(args.train_samples, TASKS, seed=args.seed + 1), tokenizer)
+    train = tokenize_rows(make_samples(args.train_samples, TASKS, seed=args.seed + 1), tokenizer)
     test = make_samples(args.eval_samples, TASKS, seed=args.seed + 2)
     base = load_base(args, tokenizer, base_path)
 
@@ -204,7 +191,7 @@ def main(argv=None) -> dict:
     train_s = time.perf_counter() - t_train
 
     acc_after = accuracy_by_task(model, tokenizer, test)
-    mole_load, base_load = routing_tables(model, tokenize(test, tokenizer), collator)
+    mole_load, base_load = routing_tables(model, tokenize_rows(test, tokenizer), collator)
     model.save_pretrained(os.path.join(args.out, "adapter"), selected_adapters=["experts"])
     if roma is not None:
         roma.save_pretrained(os.path.join(args.out, "roma_adapter"), selected_adapters=["default"])
@@ -238,7 +225,7 @@ def reload_matches(args, tokenizer, base_path, model, collator, samples) -> bool
     if args.roma:
         fresh = PeftModel.from_pretrained(fresh, os.path.join(args.out, "roma_adapter")).base_model.model
     reloaded = PeftModel.from_pretrained(fresh, os.path.join(args.out, "adapter", "experts"), adapter_name="experts")
-    batch = collator(tokenize(samples[:8], tokenizer))
+    batch = collator(tokenize_rows(samples[:8], tokenizer))
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     model.eval()
     return torch.equal(model(**inputs).logits, reloaded.eval()(**inputs).logits)

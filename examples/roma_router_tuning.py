@@ -29,7 +29,7 @@ from peft import get_peft_model
 from transformers import AutoModelForCausalLM, TrainingArguments
 
 import moe_peft  # noqa: F401  (registers the methods with PEFT)
-from moe_peft.data import CharTokenizer, Collator, make_samples, tokenize_sample
+from moe_peft.data import CharTokenizer, Collator, make_samples, tokenize_rows
 from moe_peft.roma import (
     RoMAConfig,
     RoMATrainer,
@@ -37,7 +37,6 @@ from moe_peft.roma import (
     exact_match_success,
     task_embeddings,
 )
-from moe_peft.roma.embeddings import encode_text
 from moe_peft.tiny import pretrain_tiny_moe
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -57,18 +56,6 @@ def load_config(path: str) -> tuple[dict, dict]:
         if bad:
             raise ValueError(f"{path}: {bad} are not {cls.__name__} fields.")
     return roma, training
-
-
-def tokenize_rows(samples: list[dict], tokenizer) -> list[dict]:
-    """prompt + completion + EOS, loss on the completion only."""
-    if isinstance(tokenizer, CharTokenizer):
-        return [{**s, **tokenize_sample(s, tokenizer)} for s in samples]
-    rows = []
-    for s in samples:
-        prompt = encode_text(tokenizer, s["prompt"])
-        answer = tokenizer(s["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        rows.append({**s, "input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer})
-    return rows
 
 
 def read_jsonl(path: str) -> list[dict]:

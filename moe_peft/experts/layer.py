@@ -25,6 +25,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from ..layer import MoELoraLinear
 from ..ops import apply_lora_experts
 from .grouped import SortedPairs, grouped_linear, sort_pairs
 from .layout import ExpertsLayout, unsupported
@@ -34,7 +35,7 @@ class MoELoraExperts(nn.Module, BaseTunerLayer):
     prefix = "moe_"
     # A [adapter][param] is [E, r, in] and B [adapter][param] is [E, out, r]: keys `<experts>.mole_A.gate_up_proj`
     adapter_layer_names = ("moe_A", "moe_B")
-    other_param_names = ("moe_dropout", "moe_scaling", "moe_backend")
+    other_param_names = ("moe_dropout", "moe_config", "moe_scaling")  # the linear layer's order: its views fit
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, param_names: list[str], layout: ExpertsLayout):
         super().__init__()
@@ -54,26 +55,10 @@ class MoELoraExperts(nn.Module, BaseTunerLayer):
         self._routing_names = tuple(names[1:3])
         self.update_layer(adapter_name, config, param_names)
 
-    # -- named views of the prefixed attributes ------------------------------------------------------
-    @property
-    def experts_A(self) -> nn.ModuleDict:
-        return getattr(self, self.adapter_layer_names[0])
-
-    @property
-    def experts_B(self) -> nn.ModuleDict:
-        return getattr(self, self.adapter_layer_names[1])
-
-    @property
-    def dropouts(self) -> nn.ModuleDict:
-        return getattr(self, self.other_param_names[0])
-
-    @property
-    def scalings(self) -> dict[str, float]:
-        return getattr(self, self.other_param_names[1])
-
-    @property
-    def backends(self) -> dict[str, str]:
-        return getattr(self, self.other_param_names[2])
+    # named views of the prefixed attributes, shared with the linear layer (same attribute order); here A and B
+    # hold one ParameterDict per adapter, keyed by the expert parameter
+    experts_A, experts_B = MoELoraLinear.experts_A, MoELoraLinear.experts_B
+    dropouts, configs, scalings = MoELoraLinear.dropouts, MoELoraLinear.configs, MoELoraLinear.scalings
 
     def __getattr__(self, name: str) -> Any:
         # the MoE block or transformers may read expert attributes (num_experts, act_fn, ...): forward them
@@ -99,7 +84,7 @@ class MoELoraExperts(nn.Module, BaseTunerLayer):
         self.experts_A[adapter_name], self.experts_B[adapter_name] = bank_a, bank_b
         # PEFT's LoRA scaling on every expert, whatever the method: the routing here is the base model's
         self.scalings[adapter_name] = config.lora_alpha / config.r
-        self.backends[adapter_name] = config.kernel_backend
+        self.configs[adapter_name] = config
         self.dropouts[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.reset_parameters(adapter_name, config.init_lora_weights)
         self._move_adapter_to_device_of_base_layer(adapter_name)
@@ -172,7 +157,7 @@ class MoELoraExperts(nn.Module, BaseTunerLayer):
                 ones = torch.ones(x.shape[0], 1, device=x.device, dtype=torch.float32)  # [P, 1]: weights act later
             y = apply_lora_experts(
                 self.dropouts[adapter](x), self.experts_A[adapter][name], self.experts_B[adapter][name],
-                pairs.expert, ones, self.scalings[adapter], self.backends[adapter], out=y,
+                pairs.expert, ones, self.scalings[adapter], self.configs[adapter].kernel_backend, out=y,
             )  # fmt: skip
         return y
 
@@ -212,7 +197,7 @@ def _method_layer(class_name: str, prefix: str) -> type[MoELoraExperts]:
     names = dict(
         prefix=prefix,
         adapter_layer_names=(f"{prefix}A", f"{prefix}B"),
-        other_param_names=(f"{prefix}dropout", f"{prefix}scaling", f"{prefix}backend"),
+        other_param_names=(f"{prefix}dropout", f"{prefix}config", f"{prefix}scaling"),
         __module__=__name__,
     )
     return type(class_name, (MoELoraExperts,), names)
