@@ -7,9 +7,10 @@
 Importing this package registers the methods with PEFT (once; see _registration.py).
 """
 
-from . import mhr, phatgoose
+from . import experts, mhr, phatgoose
 from ._registration import forward_task_ids, register_methods
 from .config import LoRAMoEConfig, MoELoraConfig, MoLEConfig, SMoRAConfig
+from .experts import import_lora_adapter
 from .mhr import MHRConfig, MHRModel, import_poly_adapter
 from .model import (
     LoRAMoEModel,
@@ -53,6 +54,8 @@ __all__ = [
     "MHRModel",
     "PhatgooseModel",
     "import_poly_adapter",
+    "import_lora_adapter",
+    "experts",
     "mhr",
     "phatgoose",
     "RoMAModel",

@@ -16,8 +16,13 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--lr", type=float, default=3e-3)
     demo.add_argument("--seed", type=int, default=0)
     bench = sub.add_parser("bench", help="benchmarks that print ratios against baselines run in the same process")
-    bench.add_argument("what", choices=["ops"], help="ops: the routed-LoRA op vs PEFT LoRA, loops and einsums")
-    bench.add_argument("--grid", choices=["default", "full"], default="default")
+    bench.add_argument(
+        "what",
+        choices=["ops", "experts"],
+        help="ops: the routed-LoRA op vs PEFT LoRA, loops and einsums; experts: LoRA on an MoE block's fused "
+        "experts vs PEFT's target_parameters (time and peak memory)",
+    )
+    bench.add_argument("--grid", choices=["default", "full"], default="default", help="ops only")
     bench.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     bench.add_argument("--reps", type=int, default=None)
     args = parser.parse_args(argv)
@@ -26,6 +31,10 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import run_demo
 
         run_demo(out_dir=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    elif args.command == "bench" and args.what == "experts":
+        from .bench import bench_experts
+
+        bench_experts(device=args.device, reps=args.reps)
     elif args.command == "bench":
         from .bench import bench_ops
 
