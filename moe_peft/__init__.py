@@ -7,7 +7,7 @@
 Importing this package registers the methods with PEFT (once; see _registration.py).
 """
 
-from . import mhr, phatgoose
+from . import mhr, multi_lora, phatgoose
 from ._registration import forward_task_ids, register_methods
 from .config import LoRAMoEConfig, MoELoraConfig, MoLEConfig, SMoRAConfig
 from .mhr import MHRConfig, MHRModel, import_poly_adapter
@@ -54,6 +54,7 @@ __all__ = [
     "PhatgooseModel",
     "import_poly_adapter",
     "mhr",
+    "multi_lora",
     "phatgoose",
     "RoMAModel",
     "apply_lora_experts",

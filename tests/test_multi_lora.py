@@ -1,0 +1,318 @@
+"""Mixed batches of PEFT LoRA adapters through the op (moe_peft.multi_lora): serving equals PEFT's own mixed-batch
+forward and generate; training gives every adapter the gradient of training it alone on its samples; each adapter
+saves to its own directory that plain PEFT loads in a process that never imports moe_peft."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from peft.tuners.lora.layer import Linear as LoraLinear
+
+from moe_peft import multi_lora
+from moe_peft.tiny import tiny_llama
+
+from .conftest import VOCAB
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# adapters of different ranks, alphas, rsLoRA and target modules (the last ones only on some layers)
+CONFIGS = [
+    dict(r=4, lora_alpha=8, target_modules=ALL),
+    dict(r=8, lora_alpha=4, use_rslora=True, target_modules=ALL),
+    dict(r=2, lora_alpha=2, target_modules=["q_proj", "v_proj"]),
+    dict(r=16, lora_alpha=32, target_modules=["gate_proj", "up_proj", "down_proj"]),
+    dict(r=1, lora_alpha=3, target_modules=ALL),
+    dict(r=6, lora_alpha=6, use_rslora=True, target_modules=["o_proj", "down_proj"]),
+    dict(r=3, lora_alpha=12, target_modules=ALL),
+    dict(r=5, lora_alpha=5, target_modules=["k_proj"]),
+]
+
+
+def make_model(n_adapters: int, seed: int = 0, **overrides):
+    base = tiny_llama(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_layers=2, seed=seed)
+    model = None
+    for i in range(n_adapters):
+        config = LoraConfig(**{**CONFIGS[i], **overrides}, init_lora_weights=False)  # random B: adapters differ
+        torch.manual_seed(seed + 100 + i)
+        if model is None:
+            model = get_peft_model(base, config, adapter_name=f"ad{i}")
+        else:
+            model.add_adapter(f"ad{i}", config)
+    return model.eval()
+
+
+def mixed_batch(n_adapters: int, batch: int = 7, seq: int = 9, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, VOCAB, (batch, seq), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    mask[4, :2] = 0
+    names = [f"ad{i % n_adapters}" for i in range(batch)]
+    names[2] = "__base__"
+    labels = ids.masked_fill(mask == 0, -100)
+    return ids, mask, labels, names
+
+
+@pytest.mark.parametrize("n_adapters", [2, 8])
+def test_mixed_batch_equals_peft_and_runs_the_op(n_adapters, monkeypatch):
+    model = make_model(n_adapters)
+    ids, mask, _, names = mixed_batch(n_adapters, batch=max(7, n_adapters + 3))  # every adapter has a sample
+    names[-1] = "ad1"
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask, adapter_names=names).logits  # PEFT's loop
+        multi_lora.enable(model)
+        calls = []
+        monkeypatch.setattr(LoraLinear, "_mixed_batch_forward", lambda *a, **k: calls.append(1))
+        got = model(input_ids=ids, attention_mask=mask, adapter_names=names).logits
+        assert not calls  # every LoRA linear ran the op, not PEFT's per-adapter loop
+        plain = model(input_ids=ids, attention_mask=mask).logits  # no adapter_names: PEFT's usual forward
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (plain - want).abs().max() > 1e-2  # the adapters do change the output, so the comparison means something
+    model.base_model.set_adapter("ad0")
+    with torch.no_grad():
+        single = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got[0], single[0], rtol=1e-5, atol=1e-5)  # a row of ad0 = ad0 alone
+
+
+def test_generate_with_cache_equals_peft():
+    model = make_model(4)
+    ids, mask, _, names = mixed_batch(4)
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    want = model.generate(**kwargs, adapter_names=names)
+    want_beams = model.generate(**kwargs, adapter_names=names, num_beams=2)
+    multi_lora.enable(model)
+    torch.testing.assert_close(model.generate(**kwargs, adapter_names=names), want, rtol=0, atol=0)
+    torch.testing.assert_close(model.generate(**kwargs, adapter_names=names, num_beams=2), want_beams, rtol=0, atol=0)
+    multi_lora.disable(model)  # PEFT's own path again, same answers
+    torch.testing.assert_close(model.generate(**kwargs, adapter_names=names), want, rtol=0, atol=0)
+
+
+def test_errors_name_the_fix():
+    model = make_model(2)
+    ids, mask, _, names = mixed_batch(2)
+    multi_lora.enable(model)
+    with pytest.raises(ValueError, match=r"adapter\(s\) \['nope'\]"):
+        model(input_ids=ids, attention_mask=mask, adapter_names=["nope"] + names[1:])
+    with pytest.raises(ValueError, match="adapter_names has 3 entries but the input"):
+        model(input_ids=ids, attention_mask=mask, adapter_names=names[:3])
+    with pytest.raises(TypeError, match="one adapter name"):
+        model(input_ids=ids, attention_mask=mask, adapter_names="ad0")
+    model.train()
+    with pytest.raises(ValueError, match=r"enable\(model, training=True\)"):
+        model(input_ids=ids, attention_mask=mask, adapter_names=names)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        multi_lora.enable(model, backend="cuda")
+    with pytest.raises(ValueError, match=r"no adapter named \['zz'\]"):
+        multi_lora.enable(model, training=True, adapters=["zz"])
+    multi_lora.disable(model)
+    with pytest.raises(ValueError, match="training mode"):  # PEFT's own refusal is back
+        model(input_ids=ids, attention_mask=mask, adapter_names=names)
+
+
+def alone_grads(model, adapter, ids, mask, labels, rows, checkpointing=False):
+    """PEFT LoRA trained alone: only `adapter` active, its samples only, the model's own mean token loss."""
+    alone = copy.deepcopy(model)
+    multi_lora.disable(alone)
+    alone.base_model.set_adapter(adapter)
+    if checkpointing:
+        alone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        alone.enable_input_require_grads()
+    alone.train()
+    out = alone(input_ids=ids[rows], attention_mask=mask[rows], labels=labels[rows])
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad for n, p in alone.named_parameters() if f".{adapter}." in n}
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "reentrant-checkpointing"])
+def test_training_gives_each_adapter_its_alone_gradient(checkpointing):
+    model = make_model(4)
+    ids, mask, labels, names = mixed_batch(4, batch=8)
+    names[3], names[7] = "ad0", "ad1"  # ad3 has no sample in this batch
+    reference = copy.deepcopy(model)
+    multi_lora.enable(model, training=True)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        model.enable_input_require_grads()
+    model.train()
+    out = model(input_ids=ids, attention_mask=mask, adapter_names=names)
+    loss, report = multi_lora.per_adapter_loss(out, labels, names)
+    loss.backward()
+    assert set(report) == {"ad0", "ad1", "ad2", "__base__"}
+    grads = dict(model.named_parameters())
+    for adapter in ("ad0", "ad1", "ad2"):
+        rows = [i for i, n in enumerate(names) if n == adapter]
+        alone_loss, want = alone_grads(reference, adapter, ids, mask, labels, rows, checkpointing)
+        torch.testing.assert_close(report[adapter], alone_loss, rtol=1e-5, atol=1e-6)
+        assert want
+        for name, grad in want.items():
+            torch.testing.assert_close(grads[name].grad, grad, rtol=1e-4, atol=1e-7, msg=name)
+    untouched = [p.grad for n, p in model.named_parameters() if ".ad3." in n]
+    assert untouched and all(g is None for g in untouched)  # no sample, no gradient: AdamW does not step it
+
+
+def test_dropout_is_per_sample_and_only_in_training():
+    model = make_model(2)
+    model.base_model.model.model.layers[0].mlp.up_proj.lora_dropout["ad1"] = torch.nn.Dropout(0.5)
+    ids, mask, _, names = mixed_batch(2)
+    multi_lora.enable(model, training=True)
+    with torch.no_grad():
+        eval_out = model(input_ids=ids, attention_mask=mask, adapter_names=names).logits
+        model.train()
+        torch.manual_seed(0)
+        first = model(input_ids=ids, attention_mask=mask, adapter_names=names).logits
+        second = model(input_ids=ids, attention_mask=mask, adapter_names=names).logits
+    ad1 = [i for i, n in enumerate(names) if n == "ad1"]
+    others = [i for i, n in enumerate(names) if n != "ad1"]
+    assert (first[ad1] - second[ad1]).abs().max() > 1e-3  # ad1's dropout is active on ad1's samples
+    torch.testing.assert_close(first[others], eval_out[others])  # and nowhere else
+
+
+def test_save_each_adapter_and_load_with_plain_peft_in_a_fresh_process(tmp_path):
+    model = make_model(3)
+    ids, mask, _, names = mixed_batch(3)
+    multi_lora.enable(model)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, adapter_names=names).logits
+    tiny_llama(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_layers=2, seed=0).save_pretrained(
+        tmp_path / "base"
+    )  # the base of make_model (same seed)
+    saved = multi_lora.save_adapters(model, str(tmp_path / "adapters"))
+    assert sorted(saved) == ["ad0", "ad1", "ad2"]
+    for name, path in saved.items():
+        assert path == str(tmp_path / "adapters" / name)
+        config = json.loads((tmp_path / "adapters" / name / "adapter_config.json").read_text())
+        assert config["peft_type"] == "LORA" and config["r"] == CONFIGS[int(name[2:])]["r"]
+    torch.save({"ids": ids, "mask": mask, "names": names, "logits": logits}, tmp_path / "expected.pt")
+    script = tmp_path / "load.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import sys, torch
+            from peft import PeftModel
+            from transformers import AutoModelForCausalLM
+            root = sys.argv[1]
+            expected = torch.load(root + "/expected.pt")
+            base = AutoModelForCausalLM.from_pretrained(root + "/base")
+            for name in sorted(set(expected["names"]) - {"__base__"}):
+                model = PeftModel.from_pretrained(base, root + "/adapters/" + name).eval()
+                rows = [i for i, n in enumerate(expected["names"]) if n == name]
+                with torch.no_grad():
+                    got = model(input_ids=expected["ids"][rows], attention_mask=expected["mask"][rows]).logits
+                torch.testing.assert_close(got, expected["logits"][rows], rtol=1e-5, atol=1e-5)
+                base = model.unload()
+            assert "moe_peft" not in sys.modules
+            print("OK")
+            """
+        )
+    )
+    result = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("OK")
+
+
+def trainer_args(out, steps, **kw):
+    from transformers import TrainingArguments
+
+    settings = dict(
+        output_dir=str(out), max_steps=steps, learning_rate=1e-2, lr_scheduler_type="constant", warmup_steps=0,
+        weight_decay=0.0, max_grad_norm=0.05, train_sampling_strategy="sequential", logging_steps=1,
+        save_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
+    )  # fmt: skip
+    return TrainingArguments(**{**settings, **kw})
+
+
+def tagged_rows(n: int, adapters: list[str]):
+    from moe_peft.data import make_dataset
+
+    data = make_dataset(n, seed=1)
+    return data.add_column("adapter", [adapters[i % len(adapters)] for i in range(n)])
+
+
+def test_trainer_trains_each_adapter_exactly_as_alone_logs_and_saves_per_adapter(tmp_path):
+    from transformers import Trainer as HFTrainer
+
+    from moe_peft.data import CharTokenizer, Collator
+
+    collator = Collator(CharTokenizer())
+    model = make_model(2)
+    initial = copy.deepcopy(model)
+    rows = tagged_rows(12, ["ad0", "ad1"])
+    # SGD, not Adam: Adam's step does not change when a gradient is scaled, so it would hide a wrong loss
+    # normalization (a batch mean halves each adapter's gradient here) or clipping of the adapters' joint norm
+    sgd = dict(optim="sgd", learning_rate=0.5)
+    trainer = multi_lora.Trainer(
+        model=model, args=trainer_args(tmp_path / "multi", 3, per_device_train_batch_size=4, **sgd),
+        train_dataset=rows, data_collator=collator,
+    )  # fmt: skip
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 3 and all(
+        {"loss/ad0", "loss/ad1", "grad_norm/ad0", "grad_norm/ad1"} <= set(e) for e in logged
+    )
+    # each adapter's own loss: their sum is the Trainer's loss
+    assert logged[0]["loss"] == pytest.approx(logged[0]["loss/ad0"] + logged[0]["loss/ad1"], abs=1e-3)
+    assert max(e["grad_norm/ad0"] for e in logged) > 0.05  # clipping was active (max_grad_norm=0.05)
+    for adapter in ("ad0", "ad1"):  # PEFT LoRA trained alone on its rows by transformers.Trainer
+        alone = copy.deepcopy(initial)
+        alone.delete_adapter("ad1" if adapter == "ad0" else "ad0")
+        alone.set_adapter(adapter)
+        own = rows.select([i for i, a in enumerate(rows["adapter"]) if a == adapter]).remove_columns("adapter")
+        args = trainer_args(tmp_path / adapter, 3, per_device_train_batch_size=2, **sgd)
+        HFTrainer(model=alone, args=args, train_dataset=own, data_collator=collator).train()
+        want = {n: p for n, p in alone.named_parameters() if f".{adapter}." in n}
+        got = dict(model.named_parameters())
+        assert want
+        for name, p in want.items():
+            torch.testing.assert_close(got[name], p, rtol=1e-4, atol=1e-6, msg=name)
+            assert not torch.equal(p, dict(initial.named_parameters())[name])  # it did train
+    trainer.save_model(str(tmp_path / "saved"))
+    for adapter in ("ad0", "ad1"):
+        assert (tmp_path / "saved" / adapter / "adapter_model.safetensors").exists()
+
+
+def test_trainer_resumes_every_adapter_from_its_checkpoint(tmp_path):
+    from moe_peft.data import CharTokenizer, Collator
+
+    collator = Collator(CharTokenizer())
+    rows = tagged_rows(12, ["ad0", "ad1", "__base__"])
+    start = make_model(2)
+    finals = []
+    for resume in (False, True):
+        model = copy.deepcopy(start)
+        out = tmp_path / ("resumed" if resume else "straight")
+        kw = dict(per_device_train_batch_size=3)
+        if resume:  # 2 steps with a checkpoint, then a new Trainer resumes it for the 3rd
+            first = multi_lora.Trainer(
+                model=model, args=trainer_args(out, 2, save_strategy="steps", save_steps=2, **kw),
+                train_dataset=rows, data_collator=collator,
+            )  # fmt: skip
+            first.train()
+            assert (out / "checkpoint-2" / "ad0" / "adapter_model.safetensors").exists()
+            model = copy.deepcopy(start)  # fresh weights: everything must come from the checkpoint
+            trainer = multi_lora.Trainer(
+                model=model, args=trainer_args(out, 3, **kw), train_dataset=rows, data_collator=collator
+            )
+            trainer.train(resume_from_checkpoint=str(out / "checkpoint-2"))
+        else:
+            multi_lora.Trainer(
+                model=model, args=trainer_args(out, 3, **kw), train_dataset=rows, data_collator=collator
+            ).train()
+        finals.append({n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n})
+    for name in finals[0]:
+        torch.testing.assert_close(finals[1][name], finals[0][name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_trainer_rejects_a_dataset_without_or_with_unknown_adapters(tmp_path):
+    from moe_peft.data import make_dataset
+
+    model = make_model(2)
+    with pytest.raises(ValueError, match="has no 'adapter' column"):
+        multi_lora.Trainer(model=model, args=trainer_args(tmp_path, 1), train_dataset=make_dataset(4))
+    with pytest.raises(ValueError, match=r"names \['ad7'\]"):
+        multi_lora.Trainer(model=model, args=trainer_args(tmp_path, 1), train_dataset=tagged_rows(4, ["ad0", "ad7"]))
