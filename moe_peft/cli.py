@@ -16,8 +16,15 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--lr", type=float, default=3e-3)
     demo.add_argument("--seed", type=int, default=0)
     bench = sub.add_parser("bench", help="benchmarks that print ratios against baselines run in the same process")
-    bench.add_argument("what", choices=["ops"], help="ops: the routed-LoRA op vs PEFT LoRA, loops and einsums")
-    bench.add_argument("--grid", choices=["default", "full"], default="default")
+    bench.add_argument(
+        "what",
+        choices=["ops", "multi"],
+        help="ops: the routed-LoRA op vs PEFT LoRA, loops and einsums; multi: many adapters in one batch vs PEFT's "
+        "mixed batch and per-adapter sub-batches",
+    )
+    bench.add_argument("--grid", choices=["default", "full"], default="default", help="ops only")
+    bench.add_argument("--adapters", type=int, nargs="+", default=None, help="multi only: adapter counts (2 8 32)")
+    bench.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     bench.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     bench.add_argument("--reps", type=int, default=None)
     args = parser.parse_args(argv)
@@ -27,9 +34,18 @@ def main(argv: list[str] | None = None) -> int:
 
         run_demo(out_dir=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     elif args.command == "bench":
-        from .bench import bench_ops
+        import torch
 
-        bench_ops(grid=args.grid, device=args.device, reps=args.reps)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        if args.what == "ops":
+            from .bench import bench_ops
+
+            bench_ops(grid=args.grid, device=args.device, reps=args.reps)
+        else:
+            from .bench import bench_multi
+
+            bench_multi(device=args.device, reps=args.reps, adapters=args.adapters)
     return 0
 
 

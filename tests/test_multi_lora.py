@@ -316,3 +316,22 @@ def test_trainer_rejects_a_dataset_without_or_with_unknown_adapters(tmp_path):
         multi_lora.Trainer(model=model, args=trainer_args(tmp_path, 1), train_dataset=make_dataset(4))
     with pytest.raises(ValueError, match=r"names \['ad7'\]"):
         multi_lora.Trainer(model=model, args=trainer_args(tmp_path, 1), train_dataset=tagged_rows(4, ["ad0", "ad7"]))
+
+
+def test_bench_multi_times_every_candidate_and_checks_equality(monkeypatch):
+    from moe_peft import cli
+    from moe_peft.bench.multi import ModelShape, bench_model
+
+    lines = []
+    shape = ModelShape(hidden=32, intermediate=48, layers=1, heads=4, vocab=64, samples=4, seq=5)
+    rows = bench_model(shape, [2, 8], torch.device("cpu"), torch.float32, 1, print_fn=lines.append)
+    assert [(r["adapters"], r["mode"]) for r in rows] == [(n, m) for n in (2, 8) for m in ("fwd", "generate", "fwd+bwd")]
+    for row in rows:
+        assert all(row[f"{c}_ms"] > 0 for c in ("ours", "peft", "separate"))
+        assert ("base_ms" in row) == (row["mode"] != "fwd+bwd")
+        assert row["max_diff"] < 1e-5  # ours equals PEFT's mixed batch on the benchmark's weights
+    assert len(lines) == 1 + len(rows) and "peft/ours" in lines[0]
+    called = {}
+    monkeypatch.setattr("moe_peft.bench.bench_multi", lambda **kw: called.update(kw))
+    cli.main(["bench", "multi", "--adapters", "2", "8", "--reps", "3"])  # registered in the CLI
+    assert called == {"device": None, "reps": 3, "adapters": [2, 8]}

@@ -46,20 +46,29 @@ def build_bank(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torc
 def layer_bank(
     module: nn.Module,
     names: Sequence[str],
-    parts_of: Callable[[str], tuple[torch.Tensor, torch.Tensor]],
+    params_of: Callable[[str], tuple[torch.Tensor, torch.Tensor]],
     differentiable: bool,
+    single: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The bank of `names` on `module`; parts_of(name) gives that adapter's (A [E, r, in], B [E, out, r])."""
-    parts = [parts_of(n) for n in names]
+    """The bank of `names` on `module`. params_of(name) gives that adapter's (A [E, r, in], B [E, out, r]), or, with
+    `single`, a plain LoRA's (A [r, in], B [out, r]) that becomes a bank of one expert."""
+    params = [params_of(n) for n in names]
+
+    def parts():
+        if single:
+            return [
+                (a.unsqueeze(0), b.unsqueeze(0)) for a, b in params
+            ]  # [r, in] -> [1, r, in], [out, r] -> [1, out, r]
+        return params
+
     if differentiable:
-        return build_bank(parts)
-    key = tuple(
-        (n, t.data_ptr(), t._version, tuple(t.shape), t.dtype, t.device) for n, part in zip(names, parts) for t in part
-    )
+        return build_bank(parts())
+    # a new dtype, device or shape means a new storage; an in-place update bumps the version counter
+    key = tuple((n, a.data_ptr(), a._version, b.data_ptr(), b._version) for n, (a, b) in zip(names, params))
     cached = module.__dict__.get(_CACHE)
     if cached is None or cached[0] != key:
         with torch.no_grad():
-            cached = (key, *build_bank(parts))
+            cached = (key, *build_bank(parts()))
         module.__dict__[_CACHE] = cached
     return cached[1], cached[2]
 

@@ -34,11 +34,18 @@ class MixedBatchForward:
         module, selection = self.module, self.state.current
         if selection is None or "adapter_names" in kwargs:
             return type(module).forward(module, x, *args, **kwargs)
-        where = type(module).__name__
-        if _runs_on_the_op(module, selection):
-            return _linear_forward(module, x, selection, self.state.backend, args, kwargs)
-        names = selection.names_for(x.shape[0], where)
-        return type(module).forward(module, x, *args, adapter_names=names, **kwargs)
+        batch = x.shape[0]
+        if torch.is_grad_enabled():
+            plan = _plan(module, selection, batch, x.device, grad=True)
+        else:  # inference: once per forward / generate call, then a dict lookup per decoding step
+            key = (id(module), batch, x.device, module.training)
+            plan = selection.memo(key, lambda: _plan(module, selection, batch, x.device, grad=False))
+        if plan is None:
+            names = selection.names_for(batch, type(module).__name__)
+            return type(module).forward(module, x, *args, adapter_names=names, **kwargs)
+        if plan == "base":
+            return module.base_layer(x, *args, **kwargs)
+        return _linear_forward(module, x, plan, self.state.backend, args, kwargs)
 
 
 def _runs_on_the_op(module: nn.Module, selection: AdapterSelection) -> bool:
@@ -52,33 +59,34 @@ def _runs_on_the_op(module: nn.Module, selection: AdapterSelection) -> bool:
     return True
 
 
-def _linear_forward(module: LoraLinear, x: torch.Tensor, selection: AdapterSelection, backend: str, args, kwargs):
-    batch, where = x.shape[0], f"{type(module).__name__} ({module.in_features} -> {module.out_features})"
-    x3 = x.reshape(batch, -1, x.shape[-1])  # [B, ..., in] -> [B, S, in]
+def _plan(module: LoraLinear, selection: AdapterSelection, batch: int, device: torch.device, grad: bool):
+    """None: PEFT's own forward; "base": no adapter of the batch is in this layer; else (A, B, idx, scale, p)."""
+    if not _runs_on_the_op(module, selection):
+        return None
     in_batch = [a for a in selection.adapters if a in module.lora_A]
     if not in_batch:
-        return module.base_layer(x, *args, **kwargs)
-    trains = torch.is_grad_enabled() and any(
-        p.requires_grad for a in in_batch for p in (module.lora_A[a].weight, module.lora_B[a].weight)
-    )
+        return "base"
+    trains = grad and any(p.requires_grad for a in in_batch for p in (module.lora_A[a].weight, module.lora_B[a].weight))
     # training: the batch's adapters only, with autograd; inference: all of the layer's, built once (bank.py)
     names = in_batch if trains else list(module.lora_A.keys())
     lora_A, lora_B = layer_bank(
-        module,
-        names,
-        lambda a: (
-            module.lora_A[a].weight.unsqueeze(0),
-            module.lora_B[a].weight.unsqueeze(0),
-        ),  # [1, r, in], [1, out, r]
-        differentiable=trains,
-    )
+        module, names, lambda a: (module.lora_A[a].weight, module.lora_B[a].weight), trains, single=True
+    )  # [N, r_max, in], [N, out, r_max]
+    where = f"{type(module).__name__} ({module.in_features} -> {module.out_features})"
     stack = tuple(names)
-    idx, scale = selection.local(stack, tuple(float(module.scaling[a]) for a in names), batch, x.device, where)
+    idx, scale = selection.local(stack, tuple(float(module.scaling[a]) for a in names), batch, device, where)
     p_drop = None
     if module.training:
         probs = tuple(dropout_p(module.lora_dropout[a]) for a in names)
         if any(probs):
-            p_drop = selection.local(stack, probs, batch, x.device, where)[1]  # [B] each sample's lora_dropout
+            p_drop = selection.local(stack, probs, batch, device, where)[1]  # [B] each sample's lora_dropout
+    return lora_A, lora_B, idx, scale, p_drop
+
+
+def _linear_forward(module: LoraLinear, x: torch.Tensor, plan, backend: str, args, kwargs):
+    lora_A, lora_B, idx, scale, p_drop = plan
+    batch = x.shape[0]
+    x3 = x.reshape(batch, -1, x.shape[-1])  # [B, ..., in] -> [B, S, in]
     base = module.base_layer
     owns_base = type(base) is nn.Linear and not (args or kwargs or base._forward_hooks or base._forward_pre_hooks)
     if owns_base and p_drop is None:  # base + adapters as one op (the adapters' dx goes into the base dx)
@@ -87,9 +95,8 @@ def _linear_forward(module: LoraLinear, x: torch.Tensor, selection: AdapterSelec
         result = base(x, *args, **kwargs)
         x_lora = per_sample_dropout(x3, p_drop)
         if owns_base:  # the base output is ours: add into it in place
-            y = apply_lora_per_sample(
-                x_lora, lora_A, lora_B, idx, scale, backend, out=result.view(batch, -1, result.shape[-1])
-            )
+            out = result.view(batch, -1, result.shape[-1])  # [B, ..., out] -> [B, S, out]
+            y = apply_lora_per_sample(x_lora, lora_A, lora_B, idx, scale, backend, out=out)
         else:
             delta = apply_lora_per_sample(x_lora, lora_A, lora_B, idx, scale, backend)  # [B, S, out]
             y = result + delta.view(result.shape).to(result.dtype)

@@ -32,6 +32,14 @@ class AdapterSelection:
         self._cache: dict = {}
         self.router_loss_pairs: set[tuple[int, str]] = set()  # (id(layer), adapter) that recorded a router loss
 
+    def memo(self, key, build):
+        """What a layer derived from this selection (its bank, index map...), built once per call: one forward, or
+        every decoding step of one generate(). Only for inference: weights do not change within a call."""
+        hit = self._cache.get(key)
+        if hit is None:
+            hit = self._cache[key] = build()
+        return hit
+
     def __len__(self) -> int:
         return len(self.names)
 

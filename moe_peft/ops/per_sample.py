@@ -12,7 +12,7 @@ k = 1 instead (`moe_peft.ops.apply_lora_per_sample`).
 
 Like the routed op, the Function adds the delta into the base layer's output in place (`out=`), or owns
 the frozen base linear (`weight=`) and then adds the adapters' dx into the base dx; it saves only x and
-u = x A^T ([B, S, r]). The per-sample scale (each sample's adapter scaling) is a constant: no gradient.
+h = scale * x A^T ([B, S, r]); the gathered weights are gathered again in backward rather than kept. The per-sample scale (each sample's adapter scaling) is a constant: no gradient.
 """
 
 from __future__ import annotations
@@ -51,13 +51,13 @@ class PerSampleLoRAFunction(torch.autograd.Function):
             y = out.baddbmm_(h.to(out.dtype), b_sel.transpose(1, 2).to(out.dtype))  # out += h B_sel^T
             if weight is None:
                 ctx.mark_dirty(out)
-        ctx.save_for_backward(x, lora_A, lora_B, sel, scale, weight, u)
+        ctx.save_for_backward(x, lora_A, lora_B, sel, scale, weight, h)
         ctx.cdt, ctx.has_out, ctx.has_bias = cdt, out is not None and weight is None, bias is not None
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, lora_A, lora_B, sel, scale, weight, u = ctx.saved_tensors
+        x, lora_A, lora_B, sel, scale, weight, h = ctx.saved_tensors
         cdt = ctx.cdt
         need_x, need_a, need_b = ctx.needs_input_grad[1:4]
         a_sel, b_sel = _gather(lora_A, lora_B, sel, cdt)
@@ -67,7 +67,7 @@ class PerSampleLoRAFunction(torch.autograd.Function):
         dx = dA = dB = d_weight = d_bias = None
         if need_x:
             if weight is not None:  # dx = dy W + du A_sel: the base dx and the adapters' in one buffer
-                dx = torch.baddbmm((dy.to(weight.dtype) @ weight).to(cdt), du, a_sel)  # [B, S, in]
+                dx = (dy.to(weight.dtype) @ weight).to(cdt).baddbmm_(du, a_sel)  # [B, S, out] @ [out, in] + ...
             else:
                 dx = torch.bmm(du, a_sel)  # [B, S, r] @ [B, r, in] -> [B, S, in]
             dx = dx.to(x.dtype)
@@ -76,7 +76,6 @@ class PerSampleLoRAFunction(torch.autograd.Function):
             # samples of one adapter add up; a sample without adapter adds exact zeros (its scale is 0)
             dA = torch.zeros(lora_A.shape, device=x.device, dtype=cdt).index_add_(0, sel, d_a_sel).to(lora_A.dtype)
         if need_b:
-            h = u * scale.view(-1, 1, 1)  # [B, S, r]
             d_b_sel = torch.bmm(dy_c.transpose(1, 2), h)  # [B, out, S] @ [B, S, r] -> [B, out, r]
             dB = torch.zeros(lora_B.shape, device=x.device, dtype=cdt).index_add_(0, sel, d_b_sel).to(lora_B.dtype)
         if weight is not None and ctx.needs_input_grad[6]:
