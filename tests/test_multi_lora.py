@@ -325,7 +325,9 @@ def test_bench_multi_times_every_candidate_and_checks_equality(monkeypatch):
     lines = []
     shape = ModelShape(hidden=32, intermediate=48, layers=1, heads=4, vocab=64, samples=4, seq=5)
     rows = bench_model(shape, [2, 8], torch.device("cpu"), torch.float32, 1, print_fn=lines.append)
-    assert [(r["adapters"], r["mode"]) for r in rows] == [(n, m) for n in (2, 8) for m in ("fwd", "generate", "fwd+bwd")]
+    assert [(r["adapters"], r["mode"]) for r in rows] == [
+        (n, m) for n in (2, 8) for m in ("fwd", "generate", "fwd+bwd")
+    ]
     for row in rows:
         assert all(row[f"{c}_ms"] > 0 for c in ("ours", "peft", "separate"))
         assert ("base_ms" in row) == (row["mode"] != "fwd+bwd")
@@ -335,3 +337,60 @@ def test_bench_multi_times_every_candidate_and_checks_equality(monkeypatch):
     monkeypatch.setattr("moe_peft.bench.bench_multi", lambda **kw: called.update(kw))
     cli.main(["bench", "multi", "--adapters", "2", "8", "--reps", "3"])  # registered in the CLI
     assert called == {"device": None, "reps": 3, "adapters": [2, 8]}
+
+
+def test_embedding_lora_and_modules_to_save_take_peft_mixed_path_in_serving_and_training():
+    """Modules the op does not cover (LoRA on embeddings, modules_to_save) run PEFT's own mixed-batch forward, in
+    training too; the LoRA linears of the same batch still run the op."""
+    base = tiny_llama(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_layers=2, seed=0)
+    config = dict(modules_to_save=["lm_head"], init_lora_weights=False)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"], **config), adapter_name="a")
+    model.add_adapter("b", LoraConfig(r=2, target_modules=["v_proj", "embed_tokens"], **config))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "modules_to_save" in name:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.1)
+    model.eval()
+    ids = torch.randint(4, VOCAB, (4, 6), generator=torch.Generator().manual_seed(1))
+    names = ["a", "b", "__base__", "b"]
+    with torch.no_grad():
+        want = model(input_ids=ids, adapter_names=names).logits
+    reference = copy.deepcopy(model)
+    multi_lora.enable(model, training=True)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, adapter_names=names).logits, want, rtol=1e-5, atol=1e-5)
+    model.train()
+    loss, _ = multi_lora.per_adapter_loss(model(input_ids=ids, adapter_names=names), ids, names)
+    loss.backward()
+    reference.base_model.set_adapter("b")
+    reference.train()
+    reference(input_ids=ids[[1, 3]], labels=ids[[1, 3]]).loss.backward()
+    grads = dict(model.named_parameters())
+    compared = [n for n, p in reference.named_parameters() if p.grad is not None]
+    assert any("embedding" in n for n in compared) and any("modules_to_save" in n for n in compared)
+    for name, p in reference.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(grads[name].grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_mixed_batch_runs_the_kernels_and_equals_peft():
+    model = make_model(8).cuda().to(torch.bfloat16)
+    ids, mask, labels, names = mixed_batch(8, batch=11, seq=24)
+    ids, mask, labels = ids.cuda(), mask.cuda(), labels.cuda()
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask, adapter_names=names).logits.float()
+        multi_lora.enable(model)
+        got = model(input_ids=ids, attention_mask=mask, adapter_names=names).logits.float()
+    torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2)
+    reference = copy.deepcopy(model)
+    multi_lora.enable(model, training=True)
+    model.train()
+    loss, _ = multi_lora.per_adapter_loss(model(input_ids=ids, attention_mask=mask, adapter_names=names), labels, names)
+    loss.backward()
+    rows = [i for i, n in enumerate(names) if n == "ad1"]
+    _, want_grads = alone_grads(reference, "ad1", ids, mask, labels, rows)
+    grads = dict(model.named_parameters())
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(grads[name].grad.float(), grad.float(), rtol=5e-2, atol=5e-3, msg=name)

@@ -195,9 +195,11 @@ def test_per_sample_float_scaling_empty_batch_and_dispatch():
     torch.testing.assert_close(by_float, by_tensor)
     assert by_float[1].abs().sum() == 0  # -1: no adapter, exactly zero
     assert apply_lora_per_sample(x[:0], a, b, idx[:0], 1.0).shape == (0, 2, 5)
-    # the torch path for a mixed batch is the batched matmuls; the routed paths stay reachable by name
-    assert choose_per_sample_path(x, a) == "bmm" and choose_per_sample_path(x, a, "torch") == "bmm"
-    assert choose_per_sample_path(x, a, "grouped") == "grouped"
+    # the torch path: dense-gated while S * (N - 1) < 8 (decode, few adapters), else the batched matmuls
+    many = torch.randn(9, 3, 4)  # 9 adapters
+    assert choose_per_sample_path(x, a) == "dense" and choose_per_sample_path(x[:, :1], many, "torch") == "bmm"
+    assert choose_per_sample_path(torch.randn(3, 8, 4), a) == "bmm"
+    assert choose_per_sample_path(x, a, "grouped") == "grouped"  # the routed paths stay reachable by name
 
 
 @pytest.mark.parametrize(

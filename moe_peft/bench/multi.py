@@ -19,8 +19,9 @@ Candidates, all on the same weights and tokens:
 Ratios (peft/ours, separate/ours: how many times faster ours is; '-' when the denominator is within noise) come
 from the same process. `max|d|` is the largest logit difference between ours and PEFT's mixed batch.
 
-Layer table: one linear layer (frozen base + N adapters, the op alone) against PEFT's `_mixed_batch_forward` on
-the same LoRA layer, inference.
+Layer table: one linear layer (frozen base + N adapters) against PEFT's `_mixed_batch_forward` on the same LoRA
+layer, inference, for a prefill (32 tokens per sample) and a decode step (1 token per sample): the path "auto"
+takes and every torch path forced (where `choose_per_sample_path`'s rule comes from).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import linear_lora_per_sample
-from .timing import Timing, difference, fmt, interleaved, ratio
+from .timing import difference, fmt, interleaved, ratio
 
 RANK = 16
 ADAPTER_COUNTS = (2, 8, 32)
@@ -55,8 +56,9 @@ class ModelShape:
 
 MODEL_CPU = ModelShape(hidden=512, intermediate=1024, layers=2, heads=8, vocab=512, samples=64, seq=32)
 MODEL_GPU = ModelShape(hidden=2048, intermediate=5632, layers=4, heads=16, vocab=32000, samples=64, seq=256)
-LAYER_CPU = [(64, 32, 1024, n, RANK) for n in ADAPTER_COUNTS]  # (samples, tokens each, d, adapters, r)
-LAYER_GPU = [(64, 256, 4096, n, RANK) for n in ADAPTER_COUNTS]
+# (samples, tokens each, d, adapters, r): a prefill and a decode step (one token per sample)
+LAYER_CPU = [(64, s, 1024, n, RANK) for s in (32, 1) for n in ADAPTER_COUNTS]
+LAYER_GPU = [(64, s, 4096, n, RANK) for s in (256, 1) for n in ADAPTER_COUNTS]
 
 
 def _lora_config(**kw):
@@ -210,29 +212,35 @@ def bench_model(
 
 
 def bench_multi_adapter(shapes, device, dtype, reps, print_fn=print) -> list[dict]:
-    """Per-sample adapter selection (inference) in one linear layer: ours (`linear_lora_per_sample`) vs PEFT's
-    mixed-batch `adapter_names` forward on a LoRA layer holding the same adapters."""
+    """Per-sample adapter selection (inference) in one linear layer: ours (`linear_lora_per_sample`, backend "auto",
+    and each torch path forced) vs PEFT's mixed-batch `adapter_names` forward on a LoRA layer with the same adapters."""
+    paths = ["bmm", "dense", "grouped"] if device.type != "cuda" else ["torch"]
     print_fn(
-        f"{'samples':>7} {'tokens':>6} {'d':>5} {'adapters':>8} {'r':>3} | {'ours ms':>8} {'peft ms':>8} {'peft/ours':>9}"
+        f"{'samples':>7} {'tokens':>6} {'d':>5} {'adapters':>8} {'r':>3} | {'auto':>7} {'ours ms':>8} {'peft ms':>8} "
+        + " ".join(f"{p + ' ms':>10}" for p in paths)
+        + f" | {'peft/ours':>9}"
     )
     rows = []
     for shape in shapes:
-        t, diff, scale = _layer_row(*shape, device, dtype, reps)
+        t, diff, scale, chosen = _layer_row(*shape, device, dtype, reps, paths)
         speedup = ratio(t["peft"], t["ours"])
         print_fn(
             " ".join(f"{v:>{w}}" for v, w in zip(shape, (7, 6, 5, 8, 3)))
-            + f" | {t['ours'].median:>8.3f} {t['peft'].median:>8.3f} {fmt(speedup, 9)}   (max |ours - peft| ="
-            f" {diff:.1e}, max |delta| = {scale:.1e})"
+            + f" | {chosen:>7} {t['ours'].median:>8.3f} {t['peft'].median:>8.3f} "
+            + " ".join(f"{t[p].median:>10.3f}" for p in paths)
+            + f" | {fmt(speedup, 9)}   (max |ours - peft| = {diff:.1e}, max |delta| = {scale:.1e})"
         )
         rows.append(
-            dict(zip(("samples", "seq", "d", "adapters", "r"), shape), ours_ms=t["ours"].median,
-                 peft_ms=t["peft"].median, peft_over_ours=speedup)
+            dict(zip(("samples", "seq", "d", "adapters", "r"), shape), path=chosen, peft_over_ours=speedup,
+                 **{f"{k}_ms": v.median for k, v in t.items()})
         )  # fmt: skip
     return rows
 
 
-def _layer_row(n_samples, seq, d, n_adapters, r, device, dtype, reps) -> tuple[dict[str, Timing], float, float]:
+def _layer_row(n_samples, seq, d, n_adapters, r, device, dtype, reps, paths=()):
     from peft import LoraConfig, get_peft_model
+
+    from ..ops import choose_per_sample_path
 
     g = torch.Generator(device).manual_seed(0)
     wrapper = nn.Sequential()
@@ -251,9 +259,12 @@ def _layer_row(n_samples, seq, d, n_adapters, r, device, dtype, reps) -> tuple[d
     adapter_names = [names[i] for i in choice.tolist()]
     weight = layer.base_layer.weight
 
-    def ours():
-        with torch.no_grad():
-            return linear_lora_per_sample(x, weight, None, a, b, choice, 1.0)
+    def ours(backend="auto"):
+        def run():
+            with torch.no_grad():
+                return linear_lora_per_sample(x, weight, None, a, b, choice, 1.0, backend)
+
+        return run
 
     def peft():
         with torch.no_grad():
@@ -261,8 +272,9 @@ def _layer_row(n_samples, seq, d, n_adapters, r, device, dtype, reps) -> tuple[d
 
     with torch.no_grad():
         scale = (peft() - F.linear(x, weight)).abs().max().item()  # the adapters' share
-    diff = (ours().float() - peft().float()).abs().max().item()
-    return interleaved({"ours": ours, "peft": peft}, device, reps), diff, scale
+    diff = (ours()().float() - peft().float()).abs().max().item()
+    fns = {"ours": ours(), "peft": peft, **{p: ours(p) for p in paths}}
+    return interleaved(fns, device, reps), diff, scale, choose_per_sample_path(x, a)
 
 
 def bench_multi(
@@ -289,7 +301,9 @@ def bench_multi(
     print_fn("at a time), ovh/peft-ovh (what the adapters add over the bare model, ours / PEFT's)")
     result = {"model": bench_model(shape, counts, dev, dtype, reps, modes, print_fn)}
     if layer_table:
-        print_fn("\none linear layer, inference (the op alone vs PEFT's _mixed_batch_forward):")
+        print_fn(
+            "\none linear layer (base + adapters), inference, ms; auto: the path ours takes; bmm/dense/grouped forced:"
+        )
         shapes = [s for s in (LAYER_GPU if dev.type == "cuda" else LAYER_CPU) if s[3] in counts]
         result["layer"] = bench_multi_adapter(shapes, dev, dtype, reps, print_fn)
     return result

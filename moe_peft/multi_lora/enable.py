@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 from torch import nn
 
+from .bank import clear_cache
 from .selection import BASE, AdapterSelection
 
 _STATE = "_multi_lora_state"
@@ -129,6 +130,8 @@ def disable(model: nn.Module) -> nn.Module:
         del hooks[key]  # by identity rather than through a handle: a deep copy of the model holds copies of both
     for module in state.patched:
         module.__dict__.pop("forward", None)
+    for module in tuner.model.modules():
+        clear_cache(module)  # the stacked copies of the adapters built for inference
     tuner.__dict__.pop("_enable_peft_forward_hooks", None)
     routing_ctx = getattr(tuner, "routing_ctx", None)
     if routing_ctx is not None:

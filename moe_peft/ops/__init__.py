@@ -198,19 +198,25 @@ def linear_lora_experts(
 
 
 PER_SAMPLE_BACKENDS = BACKENDS + ("bmm",)
+# The batched matmuls gather every sample's adapter weights (B*r*(in+out) elements copied, about 8 MACs' worth
+# each on CPU), the dense-gated path computes all N adapters for every token (N times the MACs of one). Per
+# token that is 8/S against N-1 extra adapters' MACs: dense while S*(N-1) < PER_SAMPLE_DENSE_BELOW (decode steps
+# of a few adapters), bmm beyond (prefill, training). Measured in `moe-peft bench multi`'s layer table.
+PER_SAMPLE_DENSE_BELOW = 8
 
 
 def choose_per_sample_path(x: torch.Tensor, lora_A: torch.Tensor, backend: str = "auto") -> str:
-    """The path `apply_lora_per_sample` takes: "bmm" (the torch path for a mixed batch: ops/per_sample.py) or a
-    path of the routed op with k = 1 (the Triton kernels on CUDA; any routed path when forced)."""
+    """The path `apply_lora_per_sample` takes for x [B, S, in]: on the torch path "bmm" (ops/per_sample.py) or, for
+    a few adapters and few tokens per sample, "dense"; on CUDA the Triton kernels of the routed op with k = 1; any
+    path when forced."""
     if backend not in PER_SAMPLE_BACKENDS:
         raise ValueError(f"apply_lora_per_sample: backend must be one of {PER_SAMPLE_BACKENDS}, got {backend!r}.")
     if backend == "bmm":
         return "bmm"
     path = choose_backend(x.reshape(-1, x.shape[-1]), lora_A, 1, backend)
-    # "auto"/"torch" off the Triton path: the batched matmuls beat both routed torch paths on a mixed batch
-    # (no activation gather, no loop over adapters; `moe-peft bench multi`)
-    return "bmm" if backend in ("auto", "torch") and not path.startswith("triton") else path
+    if backend in ("auto", "torch") and not path.startswith("triton"):
+        return "dense" if x.shape[1] * (lora_A.shape[0] - 1) < PER_SAMPLE_DENSE_BELOW else "bmm"
+    return path
 
 
 def _per_sample_inputs(fn, x, lora_A, lora_B, sample_adapter, scaling):
@@ -269,8 +275,9 @@ def apply_lora_per_sample(
     `lora_A [N, r, in]`, `lora_B [N, out, r]` (-1: no adapter), with `scaling` (a float, or a `[B]` tensor: each
     sample's adapter scaling). Adapters of different ranks are stacked zero-padded to the largest rank.
 
-    backend "auto": the Triton kernels of the routed op (k = 1) on CUDA, the batched matmuls of
-    ops/per_sample.py elsewhere ("bmm"); any routed backend can be forced. Training works too (PEFT's mixed-batch
+    backend "auto": the Triton kernels of the routed op (k = 1) on CUDA; elsewhere the batched matmuls of
+    ops/per_sample.py ("bmm"), or the dense-gated path for a few adapters and few tokens per sample
+    (`choose_per_sample_path`); any routed backend can be forced. Training works too (PEFT's mixed-batch
     `adapter_names` path is inference-only). Returns `[B, S, out]`, or `out` with the delta added in place."""
     idx, scale = _per_sample_inputs("apply_lora_per_sample", x, lora_A, lora_B, sample_adapter, scaling)
     if out is not None and out.shape != (*x.shape[:2], lora_B.shape[1]):
