@@ -222,7 +222,8 @@ def bench_multi_adapter(shapes, device, dtype, reps, print_fn=print) -> list[dic
     )
     rows = []
     for shape in shapes:
-        t, diff, scale, chosen = _layer_row(*shape, device, dtype, reps, paths)
+        row_reps = reps if shape[1] > 1 else 4 * reps  # a decode step lasts milliseconds: more samples of its noise
+        t, diff, scale, chosen = _layer_row(*shape, device, dtype, row_reps, paths)
         speedup = ratio(t["peft"], t["ours"])
         print_fn(
             " ".join(f"{v:>{w}}" for v, w in zip(shape, (7, 6, 5, 8, 3)))
