@@ -394,3 +394,24 @@ def test_cuda_bf16_mixed_batch_runs_the_kernels_and_equals_peft():
     grads = dict(model.named_parameters())
     for name, grad in want_grads.items():
         torch.testing.assert_close(grads[name].grad.float(), grad.float(), rtol=5e-2, atol=5e-3, msg=name)
+
+
+def test_trainer_gradient_accumulation_equals_one_big_batch_per_adapter(tmp_path):
+    """Samples have different numbers of label tokens, so a mean of micro-batch means would differ: each adapter's
+    loss is normalized by its label tokens over the whole accumulation window."""
+    from moe_peft.data import CharTokenizer, Collator
+
+    collator = Collator(CharTokenizer())
+    rows = tagged_rows(16, ["ad0", "ad1"])
+    start = make_model(2)
+    finals = []
+    for batch, accumulation in ((4, 1), (2, 2)):
+        model = copy.deepcopy(start)
+        args = trainer_args(
+            tmp_path / f"ga{accumulation}", 2, per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accumulation, optim="sgd", learning_rate=0.5, max_grad_norm=0.0,
+        )  # fmt: skip
+        multi_lora.Trainer(model=model, args=args, train_dataset=rows, data_collator=collator).train()
+        finals.append({n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n})
+    for name in finals[0]:
+        torch.testing.assert_close(finals[1][name], finals[0][name], rtol=1e-5, atol=1e-6, msg=name)

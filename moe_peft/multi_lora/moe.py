@@ -40,7 +40,7 @@ from .selection import AdapterSelection, dropout_p, per_sample_dropout
 _SELECTED = "_multi_lora_block_routing"  # on a block's router owner: {adapter: (rows, Routing)} of this forward
 
 
-def _as_batch(layer, x: torch.Tensor, selection: AdapterSelection) -> torch.Tensor:
+def _as_batch(layer, x: torch.Tensor) -> torch.Tensor:
     if x.dim() < 2:
         raise ValueError(f"adapter_names needs a batch dimension; {type(layer).__name__} got shape {tuple(x.shape)}.")
     return x.reshape(x.shape[0], -1, x.shape[-1])  # [B, ..., in] -> [B, S, in]
@@ -99,7 +99,7 @@ def route_block(layer, hidden: torch.Tensor, selection: AdapterSelection) -> Opt
     """The block pre-hook's call on a router owner: route each selected adapter whose block router it owns."""
     if layer.disable_adapters or layer.merged:
         return None
-    x3 = _as_batch(layer, hidden, selection)
+    x3 = _as_batch(layer, hidden)
     where = type(layer).__name__
     routed, losses = {}, []
     for adapter in selection.adapters:
@@ -118,7 +118,7 @@ def forward(layer, x: torch.Tensor, selection: AdapterSelection, *args: Any, **k
     in_batch = [a for a in selection.adapters if a in layer.experts_A]
     if layer.disable_adapters or layer.merged or not in_batch or x.numel() == 0:
         return layer.base_layer(x, *args, **kwargs)
-    x3 = _as_batch(layer, x, selection)
+    x3 = _as_batch(layer, x)
     batch, seq = x3.shape[:2]
     where = type(layer).__name__
     routed, losses = {}, []

@@ -8,7 +8,8 @@
 
 What it changes on transformers.Trainer, and why:
   * the dataset's `adapter` column survives column removal and the collator, and becomes `adapter_names`;
-  * the loss is `per_adapter_loss` (each adapter's own mean: its gradient equals training it alone);
+  * the loss is `per_adapter_loss` (each adapter's own mean: its gradient equals training it alone), normalized by
+    each adapter's label tokens over the whole gradient-accumulation window (as transformers does for one model);
   * `max_grad_norm` clips each adapter's gradient on its own (`clip_grad_norm_per_adapter`), not their joint norm;
   * checkpoints and `save_model` write every adapter to its own directory, loadable by plain PEFT; resuming
     from such a checkpoint reloads them all and keeps them trainable.
@@ -59,7 +60,9 @@ class Trainer(HFTrainer):
         adapters: the adapters to train (default: all loaded); the dataset may name only these and "__base__".
     """
 
-    loss_is_scaled_for_ga = False  # per_adapter_loss is a per-batch mean: the Trainer divides by accumulation steps
+    # in training the loss is normalized by each adapter's label tokens over the whole accumulation window
+    # (get_batch_samples below), so the Trainer must not divide it by the accumulation steps again
+    loss_is_scaled_for_ga = True
 
     def __init__(
         self,
@@ -89,8 +92,9 @@ class Trainer(HFTrainer):
             eval_dataset=eval_dataset,
             **kwargs,
         )
-        self.model_accepts_loss_kwargs = False  # the loss is ours; no num_items_in_batch normalization
+        self.model_accepts_loss_kwargs = False  # the loss is ours: no num_items_in_batch to the model
         self._adapter_logs: dict[str, list[float]] = defaultdict(list)
+        self._window_items: Optional[dict[str, float]] = None
 
     def _check_dataset(self, name: str, dataset) -> None:
         if dataset is None or isinstance(dataset, dict):
@@ -115,15 +119,33 @@ class Trainer(HFTrainer):
         if self.adapter_column not in self._signature_columns:
             self._signature_columns.append(self.adapter_column)  # keep it through remove_unused_columns
 
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The accumulation window's micro-batches, and each adapter's label tokens over all of them."""
+        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        names = [*self.trained_adapters, BASE]
+        counts = torch.zeros(len(names), device=device)
+        for batch in batches:
+            valid = (batch["labels"][:, 1:] != -100).sum(1).tolist()  # [B] label tokens after the causal shift
+            for name, n in zip(batch["adapter_names"], valid):
+                counts[names.index(name)] += n
+        if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+            counts = self.accelerator.reduce(counts, reduction="sum")  # every rank normalizes by the global count
+        self._window_items = dict(zip(names, counts.tolist()))
+        return batches, num_items
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         names = inputs.pop("adapter_names")
         labels = inputs.pop("labels")
         outputs = model(**inputs, adapter_names=names)
-        loss, report = per_adapter_loss(outputs, labels, names)
-        if model.training:
+        if model.training and self._window_items is not None:
+            loss, report = per_adapter_loss(outputs, labels, names, num_items=self._window_items)
+            if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+                loss = loss * self.accelerator.num_processes  # DDP averages the ranks' gradients; the counts are global
             for adapter, value in report.items():
                 self._adapter_logs[f"loss/{adapter}"].append(float(value))
+        else:  # evaluation: this batch's means
+            loss, _ = per_adapter_loss(outputs, labels, names)
         return (loss, outputs) if return_outputs else loss
 
     def _clip_grad_norm(self, model):

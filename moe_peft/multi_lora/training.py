@@ -14,7 +14,7 @@ adapter too, or one adapter's large gradient would shrink the others' (`clip_gra
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
 import torch
@@ -27,7 +27,11 @@ from .selection import BASE, AdapterSelection
 
 
 def per_adapter_loss(
-    outputs: Any, labels: torch.Tensor, adapter_names: Sequence[str], shift: bool = True
+    outputs: Any,
+    labels: torch.Tensor,
+    adapter_names: Sequence[str],
+    shift: bool = True,
+    num_items: Optional[Mapping[str, float]] = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(sum over the batch's adapters of their mean token cross-entropy, {adapter: its mean, detached}).
 
@@ -36,6 +40,10 @@ def per_adapter_loss(
         labels: `[B, S]`, -100 where no loss is taken (prompt, padding).
         adapter_names: the batch's `adapter_names`. `"__base__"` samples are reported but train nothing.
         shift: causal LM (position t predicts token t + 1), as transformers' loss.
+        num_items: per adapter, the label tokens of the whole accumulated batch (gradient accumulation): each
+            adapter's summed loss is divided by it instead of by this batch's count, so that accumulated
+            micro-batches give each adapter the gradient of one big batch (as transformers' `num_items_in_batch`
+            does for one model). The reported means stay this batch's.
 
     With moe-peft adapters `outputs.router_loss` is added as it is: in a mixed batch each adapter's part of it
     back-propagates as that adapter's own router loss (multi_lora/moe.py), the gradient it gets alone.
@@ -62,7 +70,11 @@ def per_adapter_loss(
     sums = token_loss.new_zeros(num_slots).index_add(0, slot, token_loss.sum(1))  # [N + 1]
     counts = token_loss.new_zeros(num_slots).index_add(0, slot, (labels != -100).sum(1).to(token_loss.dtype))
     means = sums / counts.clamp_min(1)  # an adapter whose samples have no label token contributes 0
-    total = means[:-1].sum()
+    if num_items is None:
+        total = means[:-1].sum()
+    else:
+        window = torch.tensor([float(num_items.get(a, 0)) for a in selection.adapters], device=sums.device)
+        total = (sums[:-1] / window.clamp_min(1)).sum()
     if router_loss is not None:
         total = total + router_loss.to(total.dtype)
     report = {a: means[i].detach() for i, a in enumerate(selection.adapters)}
