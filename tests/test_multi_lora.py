@@ -415,3 +415,18 @@ def test_trainer_gradient_accumulation_equals_one_big_batch_per_adapter(tmp_path
         finals.append({n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n})
     for name in finals[0]:
         torch.testing.assert_close(finals[1][name], finals[0][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_adapters_added_after_enable_on_new_modules_are_covered():
+    model = make_model(2)
+    multi_lora.enable(model)
+    model.add_adapter("late", LoraConfig(r=3, target_modules=["lm_head"], init_lora_weights=False))  # a new LoRA module
+    model.eval()
+    reference = copy.deepcopy(model)
+    multi_lora.disable(reference)
+    ids, mask, _, names = mixed_batch(2)
+    names[0] = names[5] = "late"
+    with torch.no_grad():
+        got = model(input_ids=ids, attention_mask=mask, adapter_names=names).logits
+        want = reference(input_ids=ids, attention_mask=mask, adapter_names=names).logits  # PEFT's loop
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

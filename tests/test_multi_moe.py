@@ -144,3 +144,19 @@ def test_block_routing_needs_the_peft_model_and_other_tuners_are_refused():
     mhr = get_peft_model(tiny_llama(vocab_size=VOCAB, hidden_size=32), moe_peft.MHRConfig(r=2, target_modules=MLP))
     with pytest.raises(TypeError, match="task_ids"):
         multi_lora.enable(mhr)
+
+
+def test_dropout_is_per_sample_and_only_in_training():
+    model = make_model("mole")
+    model.base_model.model.model.layers[0].mlp.up_proj.dropouts["m1"] = torch.nn.Dropout(0.5)
+    ids, mask, _, names, _ = batch_for(4)
+    multi_lora.enable(model, training=True)
+    with torch.no_grad():
+        eval_out = model(input_ids=ids, attention_mask=mask, adapter_names=names).logits
+        model.train()
+        first = model(input_ids=ids, attention_mask=mask, adapter_names=names).logits
+        second = model(input_ids=ids, attention_mask=mask, adapter_names=names).logits
+    m1 = [i for i, n in enumerate(names) if n == "m1"]
+    others = [i for i, n in enumerate(names) if n != "m1"]
+    assert (first[m1] - second[m1]).abs().max() > 1e-3  # m1's dropout acts on m1's samples
+    torch.testing.assert_close(first[others], eval_out[others])  # and nowhere else
