@@ -101,6 +101,13 @@ def enable(
     if backend not in PER_SAMPLE_BACKENDS:
         raise ValueError(f"multi_lora.enable: backend must be one of {PER_SAMPLE_BACKENDS}, got {backend!r}.")
     tuner = _tuner(model)
+    names = list(tuner.peft_config) if adapters is None else list(adapters)
+    unknown = sorted(set(names) - set(tuner.peft_config))
+    if unknown:
+        raise ValueError(
+            f"multi_lora.enable(adapters={adapters!r}): no adapter named {unknown} is loaded; loaded: "
+            f"{sorted(tuner.peft_config)}."
+        )
     state = tuner.__dict__.get(_STATE)
     if state is None:
         state = MultiLoraState(tuner, training, backend)
@@ -108,13 +115,6 @@ def enable(
         tuner.__dict__[_STATE] = state
     state.training, state.backend = training, backend
     if training:
-        names = list(tuner.peft_config) if adapters is None else list(adapters)
-        unknown = sorted(set(names) - set(tuner.peft_config))
-        if unknown:
-            raise ValueError(
-                f"multi_lora.enable(adapters={adapters!r}): no adapter named {unknown} is loaded; loaded: "
-                f"{sorted(tuner.peft_config)}."
-            )
         tuner.set_requires_grad(names, requires_grad=True)
     return model
 
