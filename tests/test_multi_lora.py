@@ -154,6 +154,9 @@ def test_training_gives_each_adapter_its_alone_gradient(checkpointing):
             torch.testing.assert_close(grads[name].grad, grad, rtol=1e-4, atol=1e-7, msg=name)
     untouched = [p.grad for n, p in model.named_parameters() if ".ad3." in n]
     assert untouched and all(g is None for g in untouched)  # no sample, no gradient: AdamW does not step it
+    for adapter in ("ad0", "ad3"):  # what per-adapter optimizers and clipping take
+        want = {id(p) for n, p in model.named_parameters() if f".{adapter}." in n}
+        assert {id(p) for p in multi_lora.adapter_parameters(model, adapter)} == want
 
 
 def test_dropout_is_per_sample_and_only_in_training():
@@ -430,3 +433,16 @@ def test_adapters_added_after_enable_on_new_modules_are_covered():
         got = model(input_ids=ids, attention_mask=mask, adapter_names=names).logits
         want = reference(input_ids=ids, attention_mask=mask, adapter_names=names).logits  # PEFT's loop
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_save_adapters_puts_the_default_adapter_in_its_own_directory_too(tmp_path):
+    base = tiny_llama(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_layers=2, seed=0)
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"]))  # adapter "default"
+    model.add_adapter("b", LoraConfig(r=4, target_modules=["v_proj"]))
+    saved = multi_lora.save_adapters(model, str(tmp_path))
+    assert saved == {"default": str(tmp_path / "default"), "b": str(tmp_path / "b")}
+    for name, r in (("default", 2), ("b", 4)):
+        assert json.loads((tmp_path / name / "adapter_config.json").read_text())["r"] == r
+    assert not (tmp_path / "adapter_config.json").exists()
+    with pytest.raises(ValueError, match=r"\['c'\] not loaded"):
+        multi_lora.save_adapters(model, str(tmp_path), adapters=["c"])
