@@ -1,6 +1,6 @@
 """`moe-peft bench multi`: many LoRA adapters in one batch (moe_peft.multi_lora) against the ways PEFT does it.
 
-    moe-peft bench multi                         # CPU: the model table + the layer table (about 5 min, 1 thread)
+    moe-peft bench multi --threads 1             # CPU: the model table + the layer table (5-7 min on 2 cores)
     moe-peft bench multi --adapters 8 --reps 3   # one adapter count
     python -c "from moe_peft.bench.multi import bench_multi; bench_multi()"
 
