@@ -16,6 +16,7 @@ from moe_peft import multi_lora
 from moe_peft.tiny import tiny_llama
 
 from .conftest import MLP, VOCAB, make_config, randomize_experts
+from .test_multi_lora import assert_dropout_only_on
 
 # per method: adapters of one method with different E, r, k, routing granularity, null experts, top-p, losses
 GROUPS = {
@@ -150,13 +151,4 @@ def test_dropout_is_per_sample_and_only_in_training():
     model = make_model("mole")
     model.base_model.model.model.layers[0].mlp.up_proj.dropouts["m1"] = torch.nn.Dropout(0.5)
     ids, mask, _, names, _ = batch_for(4)
-    multi_lora.enable(model, training=True)
-    with torch.no_grad():
-        eval_out = model(input_ids=ids, attention_mask=mask, adapter_names=names).logits
-        model.train()
-        first = model(input_ids=ids, attention_mask=mask, adapter_names=names).logits
-        second = model(input_ids=ids, attention_mask=mask, adapter_names=names).logits
-    m1 = [i for i, n in enumerate(names) if n == "m1"]
-    others = [i for i, n in enumerate(names) if n != "m1"]
-    assert (first[m1] - second[m1]).abs().max() > 1e-3  # m1's dropout acts on m1's samples
-    torch.testing.assert_close(first[others], eval_out[others])  # and nowhere else
+    assert_dropout_only_on(model, ids, mask, names, "m1")
