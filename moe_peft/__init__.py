@@ -7,7 +7,7 @@
 Importing this package registers the methods with PEFT (once; see _registration.py).
 """
 
-from . import experts, mhr, phatgoose
+from . import experts, mhr, multi_lora, phatgoose
 from ._registration import forward_task_ids, register_methods
 from .config import LoRAMoEConfig, MoELoraConfig, MoLEConfig, SMoRAConfig
 from .experts import import_lora_adapter
@@ -57,6 +57,7 @@ __all__ = [
     "import_lora_adapter",
     "experts",
     "mhr",
+    "multi_lora",
     "phatgoose",
     "RoMAModel",
     "apply_lora_experts",

@@ -37,6 +37,8 @@ class RoutingContext:
         self.forward_id: int = 0
         self.last_router_loss: Optional[torch.Tensor] = None  # what the tuner reported for the latest forward
         self.sticky_sample_types: Optional[torch.Tensor] = None  # held for every step of a generate() call
+        # per-sample adapters of a mixed batch (`adapter_names`), set by moe_peft.multi_lora's root pre-hook
+        self.adapter_selection = None
 
     def start_forward(self, attention_mask=None, sample_types=None) -> None:
         self.attention_mask = attention_mask

@@ -79,3 +79,20 @@ def test_finetune_mixtral_example_in_4bit_with_gradient_checkpointing(tmp_path):
     pytest.importorskip("bitsandbytes")
     result = _run_mixtral(tmp_path, "--load-in-4bit", "--gradient-checkpointing")
     assert result["reload_identical"] and all(math.isfinite(x) for x in result["losses"])
+
+
+def test_multi_adapter_serving_example_trains_saves_and_serves_a_mixed_batch(tmp_path):
+    example = load_example("multi_adapter_serving")
+    threads = torch.get_num_threads()
+    try:
+        result = example.main(["--quick", "--out", str(tmp_path), "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    assert len(result["answers"]) == len(result["names"]) == 8
+    assert set(result["names"]) <= set(example.ADAPTERS) | {"__base__"} and len(set(result["names"])) > 2
+    assert result["same_as_peft"]  # the op's answers are PEFT's own mixed-batch answers
+    for adapter in example.ADAPTERS:  # each fine-tune in its own directory, loadable alone by plain PEFT
+        reloaded = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "adapters" / adapter
+        )
+        assert reloaded.peft_config["default"].r == 8
