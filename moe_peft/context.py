@@ -1,17 +1,21 @@
 """Per-batch routing inputs shared by a tuner and its layers, and the plumbing that makes router losses
 reach the gradient in every training setup.
 
-Why not just add the router loss to `outputs.loss`? Under reentrant gradient checkpointing
-(`use_reentrant=True`, the default of many stacks) the first forward runs under `no_grad`, so a loss
-stashed during it has no graph, and the router gets no gradient from it. Instead:
+A forward run with gradients enabled reports each routed layer's weighted loss with its own graph:
+`outputs.router_loss` (and `moe_peft.router_loss(model)`) is their mean over the routed layers, and
+`router_loss.backward()` on its own reaches the routers.
 
-* each routed layer attaches its weighted loss to a tensor on the forward path with
+Under reentrant gradient checkpointing (`use_reentrant=True`, the default of many stacks) the first
+forward runs under `no_grad`, so a layer's loss has no graph then; the layer is recomputed in backward,
+after the forward has returned. For those layers:
+
+* the layer, recomputed, attaches its weighted loss to a tensor on the forward path with
   `attach_router_loss` (identity forward); in backward it hands the loss a gradient equal to the
-  gradient that reached the reported router loss (`loss_grad_scale`). Recomputed checkpoint segments
-  re-attach it, so it works with and without checkpointing;
+  gradient that reached the reported router loss (`loss_grad_scale`);
 * the tuner reports `router_loss = value + probe`, where `probe` is a zero-valued scalar whose backward
   records d(total)/d(router_loss) into the context. It runs first in backward (highest sequence
-  number), so gradient accumulation's 1/N and fp16 loss scaling apply to router losses as to the task loss.
+  number), so gradient accumulation's 1/N and fp16 loss scaling apply to these losses as to the others.
+  This path needs a total loss whose backward runs through the model (the task loss does).
 
 A loss that does not include `router_loss` gives the routers no auxiliary gradient at all.
 """
@@ -35,7 +39,10 @@ class RoutingContext:
         self.sample_types: Optional[torch.Tensor] = None  # [B]
         self.loss_grad_scale: Optional[torch.Tensor] = None  # 0-d, set in backward by the probe
         self.forward_id: int = 0
-        self.last_router_loss: Optional[torch.Tensor] = None  # what the tuner reported for the latest forward
+        # True between the root model's pre-hook and its forward hook: a layer run then (with grad enabled)
+        # reports its loss with its graph; one run outside (a reentrant checkpoint recompute) attaches it
+        self.in_forward: bool = False
+        self.last_router_loss: Optional[torch.Tensor] = None  # the latest forward run with grad enabled
         self.sticky_sample_types: Optional[torch.Tensor] = None  # held for every step of a generate() call
 
     def start_forward(self, attention_mask=None, sample_types=None) -> None:
@@ -43,6 +50,7 @@ class RoutingContext:
         self.sample_types = sample_types
         self.loss_grad_scale = None
         self.forward_id += 1
+        self.in_forward = True
 
     def token_mask(self, lead_shape: torch.Size) -> Optional[torch.Tensor]:
         """Flattened [T] bool mask of non-padding tokens for a layer input with leading dims lead_shape.

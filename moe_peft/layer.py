@@ -152,10 +152,13 @@ class MoELoraLinear(nn.Module, BaseTunerLayer):
         return total
 
     def _record(self, adapter: str, routing: Routing, lead_shape: torch.Size) -> Optional[torch.Tensor]:
+        """Record this layer's routing; return the loss to attach to the forward path, or None."""
         num_experts = self.experts_A[adapter].shape[0]
         loss, record = router_loss_and_stats(
             self.configs[adapter], routing, lead_shape, self._routing_ctx, num_experts, self.training
         )
+        if loss is not None and loss.requires_grad and self._routing_ctx.in_forward:
+            record.graph_loss, loss = loss, None  # the tuner reports it with its graph: nothing to attach
         self.router_records[adapter] = record
         return loss
 

@@ -60,6 +60,8 @@ class RouterRecord:
     null_fraction: float  # fraction of (token, slot) pairs that hit a null expert (FLOPs saved)
     counts: torch.Tensor  # [E] picks per real expert (SMoRA's bias update reads these)
     num_tokens: int
+    # the loss with its graph, from a forward run with grad enabled; the tuner takes it (and clears it)
+    graph_loss: Optional[torch.Tensor] = None
 
 
 def _masked(routing: Routing, mask: Optional[torch.Tensor]) -> Routing:

@@ -10,6 +10,7 @@ import torch.distributed as dist
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
+from .accumulation import label_share
 from .config import MoELoraConfig, SMoRAConfig
 from .context import RoutingContext, attach_router_loss, router_loss_probe
 from .layer import LoRAMoELinear, MoELoraLinear, MoLELinear, SMoRALinear
@@ -207,38 +208,54 @@ class MoELoraModel(BaseTuner):
         return args, kwargs
 
     def _root_hook(self, module: nn.Module, args: tuple, kwargs: dict, outputs):
-        return self._finish_forward(outputs, kwargs.get("labels") is not None)
+        return self._finish_forward(outputs, kwargs)
 
-    def _finish_forward(self, outputs, has_labels: bool):
+    def _finish_forward(self, outputs, kwargs: dict):
         ctx = self.routing_ctx
-        losses = []
-        anchor = None
+        ctx.in_forward = False
+        terms, attached, anchor = [], 0, None
         for _, layer in self._moe_layers():
             for adapter, record in layer.router_records.items():
                 if record.forward_id != ctx.forward_id:
                     continue
-                if record.loss is not None:
-                    losses.append(record.loss)
+                if record.graph_loss is not None:  # computed with its graph during this forward
+                    terms.append(record.graph_loss.float())
+                    record.graph_loss = None  # the graph lives on in router_loss only
+                elif record.loss is not None:  # no graph yet (reentrant checkpointing): attached on recompute
+                    terms.append(record.loss.float())
+                    attached += 1
                     if anchor is None:
                         anchor = next((p for p in layer.routers[adapter].parameters() if p.requires_grad), None)
                 if self.training and isinstance(layer.configs[adapter], SMoRAConfig):
                     pending = layer.__dict__.setdefault("_pending_counts", {})
                     pending[adapter] = pending.get(adapter, 0) + record.counts
-        if not losses:
-            ctx.last_router_loss = None
-            return outputs
-        router_loss = torch.stack([loss.float() for loss in losses]).mean()  # averaged over routed layers
-        if anchor is not None and torch.is_grad_enabled():
-            router_loss = router_loss + router_loss_probe(anchor, ctx, len(losses))
-        ctx.last_router_loss = router_loss
-        if isinstance(outputs, tuple):
-            if has_labels:
-                outputs = (outputs[0] + router_loss.to(outputs[0].dtype),) + tuple(outputs[1:])
-            return outputs
-        if getattr(outputs, "loss", None) is not None:
-            outputs.loss = outputs.loss + router_loss.to(outputs.loss.dtype)
-        outputs["router_loss"] = router_loss
+        if terms:
+            router_loss = torch.stack(terms).mean()  # averaged over routed layers
+            if attached and anchor is not None and torch.is_grad_enabled():
+                router_loss = router_loss + router_loss_probe(anchor, ctx, len(terms))
+        else:
+            router_loss = torch.zeros((), device=_device_of(outputs, self.model))
+        if torch.is_grad_enabled():
+            ctx.last_router_loss = router_loss  # router_loss(model): the latest forward run with grad enabled
+        if terms and kwargs.get("labels") is not None:
+            # outputs.loss holds the router loss weighted as the task loss weights this micro-batch
+            # (moe_peft/accumulation.py): 1 for a per-batch mean, its label-token share with num_items_in_batch
+            share = label_share(self.model, kwargs)
+            added = router_loss if share is None else router_loss * share
+            if isinstance(outputs, tuple):
+                return (outputs[0] + added.to(outputs[0].dtype),) + tuple(outputs[1:])
+            if getattr(outputs, "loss", None) is not None:
+                outputs.loss = outputs.loss + added.to(outputs.loss.dtype)
+        if not isinstance(outputs, tuple):
+            outputs["router_loss"] = router_loss
         return outputs
+
+
+def _device_of(outputs, model: nn.Module) -> torch.device:
+    logits = getattr(outputs, "logits", None) if not isinstance(outputs, tuple) else None
+    if isinstance(logits, torch.Tensor):
+        return logits.device
+    return next(model.parameters()).device
 
 
 def _tuner(model: nn.Module) -> MoELoraModel:
@@ -248,12 +265,20 @@ def _tuner(model: nn.Module) -> MoELoraModel:
     return tuner
 
 
-def router_loss(model: nn.Module) -> Optional[torch.Tensor]:
-    """The weighted router loss of the latest forward (averaged over routed layers), or None.
+def router_loss(model: nn.Module) -> torch.Tensor:
+    """The weighted router loss (mean over routed layers) of the latest forward run with gradients enabled,
+    with its gradient path; a zero tensor when that forward had no router-loss term (all coefficients 0,
+    eval mode, no routed token).
 
-    Add it to a loss you compute yourself from the logits; `outputs.loss` already includes it.
+    Forwards under `torch.no_grad()` (an extra forward a trainer runs for metrics) do not replace it. Each
+    forward also returns its own as `outputs.router_loss`, which cannot be confused with another forward's.
+    `outputs.loss`, when present, already includes it: add it only to a loss you compute yourself (from the
+    logits or log-probs), once, weighted for gradient accumulation (`moe_peft.accumulation_weight`).
     """
-    return getattr(_tuner(model).routing_ctx, "last_router_loss", None)
+    ctx = _tuner(model).routing_ctx
+    if ctx.last_router_loss is None:
+        return torch.zeros((), device=next(model.parameters()).device)
+    return ctx.last_router_loss
 
 
 def routing_stats(model: nn.Module, adapter_name: Optional[str] = None) -> dict[str, dict[str, Any]]:
