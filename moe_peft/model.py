@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import warnings
+import weakref
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .accumulation import label_share
 from .config import MoELoraConfig, SMoRAConfig
@@ -202,8 +205,6 @@ class MoELoraModel(BaseTuner):
                     f"sample_types must be a [batch] tensor of 0/1, got shape {tuple(sample_types.shape)}."
                 )
         attention_mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-        if self.training:
-            update_router_biases(self, only_after_step=True)
         ctx.start_forward(attention_mask if isinstance(attention_mask, torch.Tensor) else None, sample_types)
         return args, kwargs
 
@@ -213,7 +214,7 @@ class MoELoraModel(BaseTuner):
     def _finish_forward(self, outputs, kwargs: dict):
         ctx = self.routing_ctx
         ctx.in_forward = False
-        terms, attached, anchor = [], 0, None
+        terms, attached, anchor, smora_counts = [], 0, None, False
         for _, layer in self._moe_layers():
             for adapter, record in layer.router_records.items():
                 if record.forward_id != ctx.forward_id:
@@ -229,6 +230,9 @@ class MoELoraModel(BaseTuner):
                 if self.training and isinstance(layer.configs[adapter], SMoRAConfig):
                     pending = layer.__dict__.setdefault("_pending_counts", {})
                     pending[adapter] = pending.get(adapter, 0) + record.counts
+                    smora_counts = True
+        if smora_counts:
+            _counts_pending(self)  # applied after the next optimizer step
         if terms:
             router_loss = torch.stack(terms).mean()  # averaged over routed layers
             if attached and anchor is not None and torch.is_grad_enabled():
@@ -300,32 +304,61 @@ def routing_stats(model: nn.Module, adapter_name: Optional[str] = None) -> dict[
 
 
 @torch.no_grad()
-def update_router_biases(model: nn.Module, only_after_step: bool = False) -> None:
+def update_router_biases(model: nn.Module) -> int:
     """SMoRA loss-free balancing: apply the expert counts gathered since the last update to the selection
-    biases, once per optimizer step.
+    biases now, and return how many biases moved (0 when no count was pending).
 
-    The tuner calls this itself at the start of each training forward with only_after_step=True: it applies
-    the pending counts only when the router weights changed since the last forward (an optimizer step
-    happened), so gradient accumulation and gradient checkpointing do not update twice. Counts are
-    all-reduced across data-parallel ranks.
+    The single entry point of the update. It runs by itself right after every optimizer step: when a SMoRA
+    adapter first has counts pending, a step post-hook common to all torch.optim optimizers is registered
+    (once per process), and it calls this function for every model with pending counts. So the update
+    happens once per optimizer step with gradient accumulation, gradient checkpointing, a frozen router or
+    an optimizer that does not hold the router, and a skipped fp16 step (no optimizer.step()) updates
+    nothing. Counts are consumed when applied, so calling it again (a Trainer callback after the step) is a
+    no-op. Counts are all-reduced across data-parallel ranks.
     """
     tuner = _tuner(model)
+    applied = 0
     for _, layer in tuner._moe_layers():
         pending = layer.__dict__.get("_pending_counts", {})
-        seen = layer.__dict__.setdefault("_seen_router_version", {})
-        for adapter, config in layer.configs.items():
+        for adapter in list(pending):
+            config = layer.configs.get(adapter)
+            counts = pending.pop(adapter).float()
             if not isinstance(config, SMoRAConfig) or adapter not in layer.routers:
                 continue
-            router = layer.routers[adapter]
-            version = router.linear.weight._version
-            stepped = seen.get(adapter, version) != version
-            seen[adapter] = version
-            if adapter not in pending or (only_after_step and not stepped):
-                continue
-            counts = pending.pop(adapter).float()
             if dist.is_available() and dist.is_initialized():
                 dist.all_reduce(counts)
-            router.update_bias(counts, config.bias_update_rate)
+            layer.routers[adapter].update_bias(counts, config.bias_update_rate)
+            applied += 1
+    tuner.__dict__["_forwards_pending"] = 0
+    _TUNERS_WITH_PENDING_COUNTS.discard(tuner)
+    return applied
+
+
+# The one piece of process-wide state: PyTorch's optimizer step hooks are global by design. A weak set, so
+# a model that is deleted with counts pending is not kept alive.
+_TUNERS_WITH_PENDING_COUNTS: weakref.WeakSet = weakref.WeakSet()
+_STEP_HOOK: list = []
+_PENDING_WARN_AFTER = 1000  # training forwards with counts pending and no optimizer step
+
+
+def _after_optimizer_step(optimizer, args, kwargs) -> None:
+    for tuner in list(_TUNERS_WITH_PENDING_COUNTS):
+        update_router_biases(tuner)
+
+
+def _counts_pending(tuner: MoELoraModel) -> None:
+    if not _STEP_HOOK:
+        _STEP_HOOK.append(register_optimizer_step_post_hook(_after_optimizer_step))
+    _TUNERS_WITH_PENDING_COUNTS.add(tuner)
+    waiting = tuner.__dict__.get("_forwards_pending", 0) + 1
+    tuner.__dict__["_forwards_pending"] = waiting
+    if waiting == _PENDING_WARN_AFTER:
+        warnings.warn(
+            f"SMoRA: expert counts from {waiting} training forwards are waiting for an optimizer step to update "
+            "the selection biases, and no torch.optim optimizer step has run. If your optimizer is not a "
+            "torch.optim.Optimizer, call moe_peft.update_router_biases(model) after each optimizer step.",
+            stacklevel=3,
+        )
 
 
 class MoLEModel(MoELoraModel):

@@ -131,26 +131,6 @@ def test_loramoe_constraint_matches_the_released_formula():
     assert localized_balance(flat, torch.ones(2, 1, dtype=torch.bool), types, delta) < 1e-10
 
 
-def test_smora_bias_updates_once_per_optimizer_step(base, batch):
-    model = get_peft_model(base, make_config("smora", router_aux_loss_coef=0.0, bias_update_rate=0.01))
-    randomize_experts(model)
-    model.train()
-    layer = model.base_model.model.model.layers[0].mlp.up_proj
-    router = layer.routers["default"]
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    for _ in range(2):  # gradient accumulation: two micro-batches, no step in between
-        model(**batch).loss.backward()
-    assert torch.count_nonzero(router.selection_bias) == 0
-    optimizer.step()
-    model(**batch)  # the first forward after a step applies the accumulated counts
-    bias = router.selection_bias.clone()
-    assert torch.count_nonzero(bias) > 0
-    assert torch.isclose(bias.abs(), torch.tensor(0.01)).logical_or(bias == 0).all()  # one step of size u
-    model(**batch)  # no step since: unchanged
-    assert torch.equal(router.selection_bias, bias)
-    assert "selection_bias" in " ".join(model.state_dict().keys())  # saved with the adapter
-
-
 def test_smora_selection_bias_does_not_enter_gate_values():
     from moe_peft.routers import SMoRARouter
 
