@@ -287,7 +287,8 @@ def router_loss(model: nn.Module) -> torch.Tensor:
 
 def routing_stats(model: nn.Module, adapter_name: Optional[str] = None) -> dict[str, dict[str, Any]]:
     """Per routed layer, from the latest forward: expert load [E] (fraction of picks), null-expert fraction,
-    the layer's weighted router loss and the number of routed (non-padding) tokens."""
+    experts per token (mean number of real experts per non-padding token: what top-p and null-expert papers
+    report), the layer's weighted router loss and the number of routed (non-padding) tokens."""
     tuner = _tuner(model)
     stats = {}
     for name, layer in tuner._moe_layers():
@@ -297,6 +298,7 @@ def routing_stats(model: nn.Module, adapter_name: Optional[str] = None) -> dict[
             stats[name if adapter_name else f"{name}[{adapter}]"] = {
                 "load": record.load.tolist(),
                 "null_fraction": record.null_fraction,
+                "experts_per_token": float(record.experts_per_token),
                 "loss": None if record.loss is None else float(record.loss),
                 "tokens": record.num_tokens,
             }
