@@ -250,7 +250,7 @@ class MoELoraModel(BaseTuner):
                 return (outputs[0] + added.to(outputs[0].dtype),) + tuple(outputs[1:])
             if getattr(outputs, "loss", None) is not None:
                 outputs.loss = outputs.loss + added.to(outputs.loss.dtype)
-        if not isinstance(outputs, tuple):
+        if isinstance(outputs, dict):  # a ModelOutput (a plain tensor or tuple output has no room for it)
             outputs["router_loss"] = router_loss
         return outputs
 
