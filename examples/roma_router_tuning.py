@@ -1,6 +1,6 @@
 """RoMA router tuning against plain router fine-tuning (the paper's ablation), measured.
 
-    python examples/roma_router_tuning.py                          # tiny Mixtral + bundled data, ~30 s on 2 CPU cores
+    python examples/roma_router_tuning.py                          # tiny Mixtral + bundled data, one torch thread
     python examples/roma_router_tuning.py --arch olmoe             # tiny OLMoE instead
     python examples/roma_router_tuning.py --model /path/to/OLMoE-1B-7B-0125-Instruct --data train.jsonl \
         --test-data test.jsonl                                      # a real checkpoint (jsonl rows: prompt, completion)
@@ -91,7 +91,14 @@ def main() -> None:
     parser.add_argument("--test-samples", type=int, default=256)
     parser.add_argument("--steps", type=int, default=None, help="override training.max_steps")
     parser.add_argument("--out", default="out/roma")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: fastest for tiny models; the README's numbers)",
+    )
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=FutureWarning)
     t_start = time.perf_counter()
     roma_fields, training_fields = load_config(args.config)

@@ -9,6 +9,7 @@ Importing this package registers the methods with PEFT (once; see _registration.
 
 from . import experts, mhr, multi_lora, phatgoose
 from ._registration import forward_task_ids, register_methods
+from .accumulation import accumulation_weight
 from .config import LoRAMoEConfig, MoELoraConfig, MoLEConfig, SMoRAConfig
 from .experts import import_lora_adapter
 from .mhr import MHRConfig, MHRModel, import_poly_adapter
@@ -62,6 +63,7 @@ __all__ = [
     "RoMAModel",
     "apply_lora_experts",
     "router_loss",
+    "accumulation_weight",
     "routing_stats",
     "update_router_biases",
 ]

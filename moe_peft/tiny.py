@@ -144,13 +144,14 @@ def pretrain_tiny_moe(
     lr: float = 3e-3,
 ) -> str:
     """A tiny MoE model (4 layers, 8 experts, top-2) trained in full on bundled tasks, saved under `out_dir` and
-    reused from there: a base that knows something, for the MoE examples. Returns its directory."""
+    reused from there: a base that knows something, for the MoE examples. Returns its directory (the torch thread
+    count is in its name: floating-point sums, and so the trained weights, depend on it)."""
     import os
 
     from .data import DEFAULT_TASKS, Collator, make_dataset
 
     tasks = tuple(tasks or DEFAULT_TASKS)
-    path = os.path.join(out_dir, f"base-{arch}-{steps}-{seed}-{'-'.join(tasks)}")
+    path = os.path.join(out_dir, f"base-{arch}-{steps}-{seed}-{'-'.join(tasks)}-t{torch.get_num_threads()}")
     if os.path.exists(os.path.join(path, "config.json")):
         return path
     model = tiny_moe(
