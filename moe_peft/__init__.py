@@ -7,7 +7,7 @@
 Importing this package registers the methods with PEFT (once; see _registration.py).
 """
 
-from . import experts, mhr, multi_lora, phatgoose
+from . import experts, llava, mhr, multi_lora, phatgoose
 from ._registration import forward_task_ids, register_methods
 from .accumulation import accumulation_weight
 from .config import LoRAMoEConfig, MoELoraConfig, MoLEConfig, SMoRAConfig
@@ -57,6 +57,7 @@ __all__ = [
     "import_poly_adapter",
     "import_lora_adapter",
     "experts",
+    "llava",
     "mhr",
     "multi_lora",
     "phatgoose",

@@ -33,31 +33,80 @@ def tiny_llama(
     return LlamaForCausalLM(config).eval()
 
 
-def tiny_llava(vocab_size: int = 64, hidden_size: int = 32, seed: int = 0):
-    """A LLaVA (CLIP vision tower + Llama language model) with 8x8 images of 4x4 patches."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+def _llava_parts(vocab_size, hidden_size, num_layers, image_size, patch_size, vision_hidden_size, vision_layers):
+    from transformers import CLIPVisionConfig, LlamaConfig
 
     text = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
-        num_hidden_layers=2,
+        num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         pad_token_id=0,
     )
     vision = CLIPVisionConfig(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=8, patch_size=4
+        hidden_size=vision_hidden_size,
+        intermediate_size=2 * vision_hidden_size,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch_size,
     )
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=vocab_size - 1,
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="default",
+    # the last token id is the image placeholder; the last vision layer's patches, CLS dropped ("default")
+    common = dict(image_token_id=vocab_size - 1, vision_feature_layer=-1, vision_feature_select_strategy="default")
+    return text, vision, common
+
+
+def tiny_llava(
+    vocab_size: int = 64,
+    hidden_size: int = 32,
+    seed: int = 0,
+    num_layers: int = 2,
+    image_size: int = 8,
+    patch_size: int = 4,
+    vision_hidden_size: int = 16,
+    vision_layers: int = 1,
+):
+    """A LLaVA (CLIP vision tower + Llama language model); by default 8x8 images of 4x4 patches (4 image tokens).
+    The image token is the last id of the vocabulary."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    text, vision, common = _llava_parts(
+        vocab_size, hidden_size, num_layers, image_size, patch_size, vision_hidden_size, vision_layers
     )
+    config = LlavaConfig(vision_config=vision, text_config=text, **common)
     torch.manual_seed(seed)
     return LlavaForConditionalGeneration(config).eval()
+
+
+def tiny_llava_next(
+    vocab_size: int = 64,
+    hidden_size: int = 32,
+    seed: int = 0,
+    num_layers: int = 2,
+    image_size: int = 8,
+    patch_size: int = 4,
+    vision_hidden_size: int = 16,
+    vision_layers: int = 1,
+):
+    """A LLaVA-NeXT (anyres: the image at the tower's resolution plus a grid of tiles, with a learned newline
+    per row) on the same parts as `tiny_llava`; grid pinpoints 1x2, 2x1 and 2x2 tiles of image_size."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    text, vision, common = _llava_parts(
+        vocab_size, hidden_size, num_layers, image_size, patch_size, vision_hidden_size, vision_layers
+    )
+    s = image_size
+    config = LlavaNextConfig(
+        vision_config=vision,
+        text_config=text,
+        image_grid_pinpoints=[[s, 2 * s], [2 * s, s], [2 * s, 2 * s]],
+        image_seq_length=(s // patch_size) ** 2,
+        **common,
+    )
+    torch.manual_seed(seed)
+    return LlavaNextForConditionalGeneration(config).eval()
 
 
 def tiny_moe(
