@@ -4,9 +4,9 @@ Images are drawn with PIL at run time (no binary files): coloured shapes on a gr
 conversation in the chat format transformers' VLM processors and TRL use, a `messages` list whose user content
 holds `{"type": "image"}` placeholders, plus an `images` list (PIL images here; paths work too):
 
-    colour    [image] what colour is the shape ?          -> red        (one shape)
+    colour    [image] what colour is the shape ?          -> red        (one shape, in the left or right half)
     shape     [image] what shape is it ?                  -> triangle   (one shape)
-    position  [image] is the shape left or right ?        -> left       (one small shape in one half)
+    position  [image] is the shape left or right ?        -> left       (one shape)
     count     [image] how many shapes are there ?         -> three      (one to three small shapes)
     add       what is two plus five ?                     -> seven      (text only, sums below ten)
     compare   which is more , six or four ?               -> six        (text only)
@@ -81,20 +81,16 @@ def _canvas(size: int):
     return image, ImageDraw.Draw(image)
 
 
-def _one_shape(rng: random.Random, size: int, side: Optional[str] = None, scale: float = 0.6):
-    """An image with one shape, and its (colour, shape, side). side: the half it lies in (None: anywhere)."""
-    colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
-    extent = max(3, round(size * scale * rng.uniform(0.75, 1.0)))
-    if side is None:
-        x0 = rng.randint(0, size - extent)
-    else:  # the shape lies entirely in its half
-        extent = min(extent, size // 2)
-        x0 = rng.randint(0, size // 2 - extent) + (0 if side == "left" else size // 2)
+def _one_shape(rng: random.Random, size: int):
+    """An image with one shape lying entirely in the left or the right half, and its (colour, shape, side)."""
+    colour, shape, side = rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(("left", "right"))
+    half = size // 2
+    extent = rng.randint(max(3, half - 2), half)
+    x0 = rng.randint(0, half - extent) + (0 if side == "left" else half)
     y0 = rng.randint(0, size - extent)
     image, draw = _canvas(size)
     draw_shape(draw, shape, (x0, y0, x0 + extent - 1, y0 + extent - 1), COLOURS[colour])
-    centre = x0 + extent / 2
-    return image, colour, shape, "left" if centre < size / 2 else "right"
+    return image, colour, shape, side
 
 
 def _many_shapes(rng: random.Random, size: int, count: int):
@@ -122,13 +118,9 @@ def _conversation(question: str, answer: str, image=None) -> tuple[list[dict], l
 def make_sample(task: str, rng: random.Random, image_size: int = 16) -> dict:
     """One sample of `task`: {task, modality, messages, images, answer}."""
     image = None
-    if task in ("colour", "shape", "caption"):
+    if task in ("colour", "shape", "position", "caption"):
         image, colour, shape, side = _one_shape(rng, image_size)
-        answer = {"colour": colour, "shape": shape, "caption": f"{colour} {shape} {side}"}[task]
-    elif task == "position":
-        side = rng.choice(("left", "right"))
-        image, *_ = _one_shape(rng, image_size, side=side, scale=0.4)
-        answer = side
+        answer = {"colour": colour, "shape": shape, "position": side, "caption": f"{colour} {shape} {side}"}[task]
     elif task == "count":
         count = rng.randint(1, 3)
         image, answer = _many_shapes(rng, image_size, count), NUMBERS[count]
