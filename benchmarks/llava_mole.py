@@ -49,7 +49,9 @@ def make_adapter(method: str, base, r: int):
     elif method == "MoLE":
         config = mole_llava_config(base, num_experts=4, r=r, lora_alpha=2 * r, attention="none")
     else:
-        config = mole_llava_config(base, modality_experts={"text": 2, "image": 2}, r=r, lora_alpha=2 * r, attention="none")
+        config = mole_llava_config(
+            base, modality_experts={"text": 2, "image": 2}, r=r, lora_alpha=2 * r, attention="none"
+        )
     return get_peft_model(base, config)
 
 
@@ -59,7 +61,9 @@ def train(model, collator, rows: list[dict], steps: int, batch_size: int, lr: fl
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     warmup = max(1, steps // 10)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min((s + 1) / warmup, (steps - s) / (steps - warmup)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / warmup, (steps - s) / (steps - warmup))
+    )
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
     losses = []
     model.train()

@@ -142,7 +142,9 @@ def main(argv=None) -> dict:
         base_path = args.model
     processor = AutoProcessor.from_pretrained(base_path)
     collator = LlavaCollator(processor)
-    image_size = TINY["image_size"] if args.model is None else 64  # the processor resizes: drawn larger for a real model
+    image_size = (
+        TINY["image_size"] if args.model is None else 64
+    )  # the processor resizes: drawn larger for a real model
     train = make_image_tasks(args.train_samples, TASKS, seed=args.seed + 1, image_size=image_size)
     test = make_image_tasks(args.eval_samples, TASKS, seed=args.seed + 2, image_size=image_size)
     base = load_base(args, base_path)
@@ -198,7 +200,9 @@ def main(argv=None) -> dict:
     )
     print(f"  the fresh process answers {reload['question']!r} about its image with {reload['answer']!r}")
     wall = time.perf_counter() - t_start
-    print(f"trainable parameters {trainable:,}; training {train_s:.1f}s ({train_s / args.steps:.2f}s/step); wall {wall:.1f}s")
+    print(
+        f"trainable parameters {trainable:,}; training {train_s:.1f}s ({train_s / args.steps:.2f}s/step); wall {wall:.1f}s"
+    )
     return {"acc_before": acc_before, "acc_after": acc_after, "losses": losses, "load": load, "reload": reload,
             "trainable": trainable, "steps": trainer.state.global_step, "wall_s": wall}  # fmt: skip
 

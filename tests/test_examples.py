@@ -115,7 +115,11 @@ def test_finetune_llava_example_trains_saves_reloads_and_answers(tmp_path):
     assert result["reload"]["identical"]  # the fresh process's logits equal the trained model's
     assert isinstance(result["reload"]["answer"], str)
     assert result["steps"] == 6 and len(result["losses"]) == 6 and all(math.isfinite(x) for x in result["losses"])
-    assert set(result["acc_after"]) == set(result["acc_before"]) == {"colour", "shape", "position", "count", "add", "compare"}
+    assert (
+        set(result["acc_after"])
+        == set(result["acc_before"])
+        == {"colour", "shape", "position", "count", "add", "compare"}
+    )
     assert set(result["load"]) == {"all"} and abs(sum(result["load"]["all"]["load"]) - 1.0) < 1e-5
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
     assert (tmp_path / "adapter" / "tokenizer.json").exists()  # the processor is saved next to the adapter

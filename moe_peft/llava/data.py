@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable
-from typing import Optional
 
 COLOURS = {"red": (220, 50, 50), "green": (40, 170, 70), "blue": (50, 90, 230), "yellow": (235, 205, 40)}
 SHAPES = ("circle", "square", "triangle")
