@@ -153,6 +153,7 @@ def main(argv=None) -> dict:
     quantized_on_cpu = args.load_in_4bit and not torch.cuda.is_available()
     acc_before = {} if quantized_on_cpu else accuracy_by_task(base, collator, test)
 
+    torch.manual_seed(args.seed)  # the adapter's initialization, whether the base was just trained or cached
     model = get_peft_model(base, adapter_config(args, base))
     model.print_trainable_parameters()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -198,7 +199,10 @@ def main(argv=None) -> dict:
         f"\nsaved to {adapter_dir}; reloaded in a fresh process: identical logits = {reload['identical']} "
         f"(max abs difference {reload['max_abs_diff']:.2g})"
     )
-    print(f"  the fresh process answers {reload['question']!r} about its image with {reload['answer']!r}")
+    print(
+        f"  the fresh process answers {reload['question']!r} about its image with {reload['answer']!r} "
+        f"(expected {reload['expected']!r})"
+    )
     wall = time.perf_counter() - t_start
     print(
         f"trainable parameters {trainable:,}; training {train_s:.1f}s ({train_s / args.steps:.2f}s/step); wall {wall:.1f}s"

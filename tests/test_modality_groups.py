@@ -406,3 +406,15 @@ def test_a_mixed_batch_routes_each_sample_within_its_groups():
         mixed = model(**batch, adapter_names=["default", "__base__"]).logits
     torch.testing.assert_close(mixed[0], alone[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(mixed[1], base[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_gradient_checkpointing_keeps_the_groups(reentrant):
+    """Recomputed layers (reentrant: during backward, after the forward returned) route with the same modality:
+    the gradients equal those without checkpointing, router losses included."""
+    from .conftest import checkpointed_grads
+
+    model = grouped(tiny_llava(), top_k=2, router_z_loss_coef=1e-2)
+    batch = llava_batch()
+    grads = checkpointed_grads(model, reentrant, lambda m: m(**batch, labels=batch["input_ids"]).loss)
+    assert any("mole_router" in n and g.abs().sum() > 0 for n, g in grads.items())
