@@ -33,7 +33,21 @@ def tiny_llama(
     return LlamaForCausalLM(config).eval()
 
 
-def _llava_parts(vocab_size, hidden_size, num_layers, image_size, patch_size, vision_hidden_size, vision_layers):
+def tiny_llava(
+    vocab_size: int = 64,
+    hidden_size: int = 32,
+    seed: int = 0,
+    num_layers: int = 2,
+    image_size: int = 8,
+    patch_size: int = 4,
+    vision_hidden_size: int = 16,
+    vision_layers: int = 1,
+    arch: str = "llava",
+):
+    """A LLaVA (CLIP vision tower + Llama language model); by default 8x8 images of 4x4 patches (4 image tokens).
+    The image token is the last id of the vocabulary. arch="llava_next": LLaVA-NeXT on the same parts (anyres: the
+    image at the tower's resolution plus a grid of tiles, a learned newline per row; grids of 1x2, 2x1, 2x2 tiles)."""
+    import transformers
     from transformers import CLIPVisionConfig, LlamaConfig
 
     text = LlamaConfig(
@@ -54,59 +68,35 @@ def _llava_parts(vocab_size, hidden_size, num_layers, image_size, patch_size, vi
         patch_size=patch_size,
     )
     # the last token id is the image placeholder; the last vision layer's patches, CLS dropped ("default")
-    common = dict(image_token_id=vocab_size - 1, vision_feature_layer=-1, vision_feature_select_strategy="default")
-    return text, vision, common
-
-
-def tiny_llava(
-    vocab_size: int = 64,
-    hidden_size: int = 32,
-    seed: int = 0,
-    num_layers: int = 2,
-    image_size: int = 8,
-    patch_size: int = 4,
-    vision_hidden_size: int = 16,
-    vision_layers: int = 1,
-):
-    """A LLaVA (CLIP vision tower + Llama language model); by default 8x8 images of 4x4 patches (4 image tokens).
-    The image token is the last id of the vocabulary."""
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
-
-    text, vision, common = _llava_parts(
-        vocab_size, hidden_size, num_layers, image_size, patch_size, vision_hidden_size, vision_layers
-    )
-    config = LlavaConfig(vision_config=vision, text_config=text, **common)
-    torch.manual_seed(seed)
-    return LlavaForConditionalGeneration(config).eval()
-
-
-def tiny_llava_next(
-    vocab_size: int = 64,
-    hidden_size: int = 32,
-    seed: int = 0,
-    num_layers: int = 2,
-    image_size: int = 8,
-    patch_size: int = 4,
-    vision_hidden_size: int = 16,
-    vision_layers: int = 1,
-):
-    """A LLaVA-NeXT (anyres: the image at the tower's resolution plus a grid of tiles, with a learned newline
-    per row) on the same parts as `tiny_llava`; grid pinpoints 1x2, 2x1 and 2x2 tiles of image_size."""
-    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
-
-    text, vision, common = _llava_parts(
-        vocab_size, hidden_size, num_layers, image_size, patch_size, vision_hidden_size, vision_layers
-    )
-    s = image_size
-    config = LlavaNextConfig(
+    common = dict(
         vision_config=vision,
         text_config=text,
-        image_grid_pinpoints=[[s, 2 * s], [2 * s, s], [2 * s, 2 * s]],
-        image_seq_length=(s // patch_size) ** 2,
-        **common,
+        image_token_id=vocab_size - 1,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
     )
+    s = image_size
+    kinds = {
+        "llava": ("LlavaConfig", "LlavaForConditionalGeneration", {}),
+        "llava_next": (
+            "LlavaNextConfig",
+            "LlavaNextForConditionalGeneration",
+            dict(
+                image_grid_pinpoints=[[s, 2 * s], [2 * s, s], [2 * s, 2 * s]], image_seq_length=(s // patch_size) ** 2
+            ),
+        ),
+    }
+    if arch not in kinds:
+        raise ValueError(f"arch={arch!r} is invalid: use one of {sorted(kinds)}.")
+    config_name, model_name, extra = kinds[arch]
+    config = getattr(transformers, config_name)(**common, **extra)
     torch.manual_seed(seed)
-    return LlavaNextForConditionalGeneration(config).eval()
+    return getattr(transformers, model_name)(config).eval()
+
+
+def tiny_llava_next(**kwargs):
+    """`tiny_llava(arch="llava_next", ...)`: a tiny LLaVA-NeXT."""
+    return tiny_llava(arch="llava_next", **kwargs)
 
 
 def tiny_moe(
