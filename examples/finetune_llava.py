@@ -40,8 +40,9 @@ import moe_peft
 from moe_peft.llava import TASKS, LlavaCollator, answers_from, make_image_tasks, modality_load, mole_llava_config
 from moe_peft.llava.pretrain import TINY, accuracy_by_task, pretrain_tiny_llava
 
-# The training loop is transformers.Trainer. moe_peft.MoESFTTrainer (TRL's SFTTrainer plus the router losses) is
-# a drop-in for both names: `TRAINER, ARGS = moe_peft.MoESFTTrainer, trl.SFTConfig` (the same arguments).
+# The training loop is transformers.Trainer (outputs.loss already holds the router loss, weighted for gradient
+# accumulation). moe_peft.MoESFTTrainer (TRL's SFTTrainer plus the router losses; not in this branch yet) takes the
+# same arguments: swap this line for `TRAINER, ARGS = moe_peft.MoESFTTrainer, trl.SFTConfig`.
 TRAINER, ARGS = Trainer, TrainingArguments
 
 
@@ -173,6 +174,7 @@ def main(argv=None) -> dict:
         ),
         train_dataset=Dataset.from_list(train),
         data_collator=collator,
+        processing_class=processor,
     )
     t_train = time.perf_counter()
     result = trainer.train()
