@@ -55,9 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config, args.overrides)
         if args.threads is not None:
             config.threads = args.threads
-        paths = train_from_config(config)
-        print(f"\ntrained {config.method} in {paths.pop('seconds')} s")
-        for what, path in paths.items():
+        run = train_from_config(config)
+        print(f"\ntrained {config.method} in {run.seconds:.1f} s; wrote:")
+        for what, path in run.paths.items():
             print(f"  {what:<18} {path}")
     elif args.command == "stats":
         from .train.run import stats_from_adapter

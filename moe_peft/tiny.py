@@ -99,13 +99,13 @@ def tiny_moe(
     return getattr(transformers, model_name)(config).eval()
 
 
-# A chat template the tiny tokenizer understands: every turn on its own line, the assistant's answer closed by EOS.
+# A chat template the tiny tokenizer understands: one line per turn, the assistant's answer closed by EOS.
 # The prompt rendered with add_generation_prompt=True is a prefix of prompt + answer (what TRL's completion-only
 # loss needs).
 TINY_CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{%- for message in messages -%}"
-    "{%- if message['role'] == 'assistant' -%}{{ 'assistant: ' + message['content'] + eos_token + '\n' }}"
+    "{%- if message['role'] == 'assistant' -%}{{ 'assistant: ' + message['content'] + eos_token }}"
     "{%- else -%}{{ message['role'] + ': ' + message['content'] + '\n' }}{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ 'assistant: ' }}{%- endif -%}"

@@ -18,6 +18,7 @@ import moe_peft  # noqa: E402
 from moe_peft.tiny import tiny_llama  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(1)  # tiny models: one thread is the fastest, and it leaves the other cores to other jobs
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -48,6 +49,14 @@ def make_config(case: str, **overrides):
 
 
 CASES = ["mole_block", "mole_linear_top2", "mole_null", "mole_top_p", "loramoe", "smora"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tiny_base_cache(tmp_path_factory):
+    """`model: tiny` bases are built once per test session, in a temporary cache (not the user's ~/.cache)."""
+    if "MOE_PEFT_CACHE" not in os.environ:
+        os.environ["MOE_PEFT_CACHE"] = str(tmp_path_factory.mktemp("moe_peft_cache"))
+    return os.environ["MOE_PEFT_CACHE"]
 
 
 @pytest.fixture

@@ -125,10 +125,12 @@ def _roma_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, Reader]]:
 
 
 def routed_modules(model: nn.Module) -> list[tuple[str, nn.Module, Reader]]:
-    """(layer label, module to hook, reader) for every routed layer of a moe-peft model (a PeftModel or a tuner)."""
+    """(layer label, module to hook, reader) for every routed layer of a moe-peft model (a PeftModel or a tuner);
+    labels are module names in the transformers model, as in `moe_peft.routing_stats`."""
     found = []
+    root = root_model(model)
     for finder in (_moe_lora_layers, _mhr_layers, _phatgoose_layers, _roma_layers):
-        found.extend(finder(model))
+        found.extend(finder(root))
     return found
 
 

@@ -17,6 +17,7 @@ import json
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -121,8 +122,22 @@ def _write_stats(config: RunConfig, model, tokenizer, data: UserData, out_dir: s
     return result.save(out_dir)
 
 
-def train_from_config(config: RunConfig, log: Callable = print) -> dict[str, str]:
-    """Train the adapter a RunConfig describes; returns {what: path} (adapter, stats, plots)."""
+@dataclass
+class TrainRun:
+    """What a training run wrote (paths: adapter, experts, stats.json, plots) and its training losses as logged
+    (per part: "adapter", or each PHATGOOSE expert's task)."""
+
+    paths: dict[str, str]
+    losses: dict[str, list[float]]
+    seconds: float
+
+
+def _losses(trainer) -> list[float]:
+    return [log["loss"] for log in trainer.state.log_history if "loss" in log]
+
+
+def train_from_config(config: RunConfig, log: Callable = print) -> TrainRun:
+    """Train the adapter a RunConfig describes."""
     threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     start = time.perf_counter()
@@ -137,20 +152,19 @@ def train_from_config(config: RunConfig, log: Callable = print) -> dict[str, str
         log(f"data: {len(data.dataset)} rows from {data.source}" + (f", tasks {data.tasks}" if data.tasks else ""))
         output_dir = _sft_config(config).output_dir
         if config.method == "phatgoose":
-            model, paths = _train_phatgoose(config, base, tokenizer, data, output_dir, log)
+            model, paths, losses = _train_phatgoose(config, base, tokenizer, data, output_dir, log)
         else:
             peft_config = _adapter_config(config, data)
             trainer = _trainer(config, base, data.dataset, tokenizer, peft_config, output_dir)
             trainer.train()
-            model = trainer.model
+            model, losses = trainer.model, {"adapter": _losses(trainer)}
             paths = {"adapter": os.path.join(output_dir, "adapter")}
             _save_adapter(model, tokenizer, data.tasks, paths["adapter"])
         if config.stats.enabled:
             paths.update(_write_stats(config, model, tokenizer, data, os.path.join(output_dir, "stats"), log))
     finally:
         torch.set_num_threads(threads)
-    paths["seconds"] = f"{time.perf_counter() - start:.1f}"
-    return paths
+    return TrainRun(paths, losses, time.perf_counter() - start)
 
 
 def _train_phatgoose(config: RunConfig, base: str, tokenizer, data: UserData, output_dir: str, log: Callable):
@@ -163,7 +177,7 @@ def _train_phatgoose(config: RunConfig, base: str, tokenizer, data: UserData, ou
             "method: phatgoose trains one LoRA expert per task: every row needs a task (data.task_field), and the "
             f"rows of {data.source} have none."
         )
-    expert_dirs = []
+    expert_dirs, losses = [], {}
     for task in data.tasks:
         rows = data.dataset.filter(lambda r, task=task: r["task"] == task)
         lora = LoraConfig(**{"task_type": "CAUSAL_LM", **config.experts})
@@ -171,6 +185,7 @@ def _train_phatgoose(config: RunConfig, base: str, tokenizer, data: UserData, ou
         log(f"phatgoose: expert {task!r} on {len(rows)} rows")
         trainer = _trainer(config, base, rows, tokenizer, lora, path, stats=False)
         trainer.train()
+        losses[task] = _losses(trainer)
         trainer.model.save_pretrained(path)
         gates = config.gates
         log(f"phatgoose: gates of {task!r} ({gates.steps} steps)")
@@ -183,7 +198,7 @@ def _train_phatgoose(config: RunConfig, base: str, tokenizer, data: UserData, ou
     library = assemble(load_model(base), expert_dirs, names=list(data.tasks), **fields)
     adapter = os.path.join(output_dir, "adapter")
     _save_adapter(library, tokenizer, data.tasks, adapter)
-    return library, {"adapter": adapter, "experts": os.path.join(output_dir, "experts")}
+    return library, {"adapter": adapter, "experts": os.path.join(output_dir, "experts")}, losses
 
 
 def stats_from_adapter(
