@@ -412,3 +412,23 @@ def test_moe_sft_trainer_adds_the_callback_first(tmp_path):
         peft_config=moe_peft.MoLEConfig(r=2, num_experts=2, target_modules=MLP, task_type="CAUSAL_LM"),
     )
     assert isinstance(trainer.callback_handler.callbacks[0], RoutingStatsCallback)
+
+
+def test_probe_sums_over_data_parallel_ranks(tmp_path):
+    import torch.distributed as dist
+
+    model = _mole_model()
+    probe = RoutingProbe(model)
+    ids, mask = _batch()
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    alone = {k: v.cpu() for k, v in probe.totals.items()}
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    try:  # one rank: the sums must come back unchanged (the multi-rank path is the same calls)
+        totals, _, forwards = probe.take(all_reduce=True)
+    finally:
+        dist.destroy_process_group()
+        probe.remove()
+    assert forwards == 1 and totals.keys() == alone.keys()
+    for name in totals:
+        assert torch.equal(totals[name].counts, alone[name].counts)

@@ -186,4 +186,8 @@ def test_shipped_config_full_run(path, tmp_path):
     run = train_from_config(load_config(str(path), [f"training.output_dir={tmp_path}"]))
     assert pathlib.Path(run.paths["expert_load"]).exists()
     for part, losses in run.losses.items():  # the adapter, or each PHATGOOSE expert
-        assert len(losses) >= 2 and losses[-1] < losses[0], (part, losses)
+        assert len(losses) >= 2, (part, losses)
+        if path.stem == "roma":  # router-only tuning, pulled toward the pretrained routing: the loss stays put
+            assert abs(losses[-1] - losses[0]) < 0.1, losses
+        else:
+            assert losses[-1] < 0.8 * losses[0], (part, losses)

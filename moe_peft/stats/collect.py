@@ -30,6 +30,7 @@ class RoutingStats:
     groups: list[str]
     by: Optional[str]
     totals: dict[str, Totals]  # on the CPU
+    expert_names: Optional[list[str]] = None  # PHATGOOSE: the experts' names, in bank order
 
     def layer(self, name: str, group: Optional[str] = None) -> dict[str, Any]:
         """The summaries of one layer (summary.py), over all samples or over one group's."""
@@ -58,7 +59,7 @@ class RoutingStats:
             if self.by is not None:
                 entry["by_" + self.by] = {g: self.layer(name, g) for g in self.groups}
             layers[name] = entry
-        return {"by": self.by, "groups": self.groups, "layers": layers}
+        return {"by": self.by, "groups": self.groups, "experts": self.expert_names, "layers": layers}
 
     def save(self, out_dir: str, plots: bool = True) -> dict[str, str]:
         """Write stats.json (every number) and, with plots=True, the PNG plots; returns {what: path}."""
@@ -196,7 +197,16 @@ def collect(
     index = torch.tensor(order, dtype=torch.long)
     totals = {name: t.grown(len(groups)).select(index) for name, t in totals.items()}
     layers = [name for name in probe.layers if name in totals]
-    return RoutingStats(layers=layers, groups=[groups[g] for g in order], by=by, totals=totals)
+    return RoutingStats(layers, [groups[g] for g in order], by, totals, _expert_names(model))
+
+
+def _expert_names(model: nn.Module) -> Optional[list[str]]:
+    from ..phatgoose.model import PhatgooseModel
+
+    tuner = getattr(getattr(model, "module", model), "base_model", model)
+    if isinstance(tuner, PhatgooseModel):
+        return list(tuner.peft_config[tuner.active_adapters[0]].experts)
+    return None
 
 
 def _given_batches(batches: Iterable[dict], by: Optional[str], task_names, max_samples: Optional[int], task_ids: bool):

@@ -32,6 +32,11 @@ def short_name(layer: str) -> str:
     return layer
 
 
+def _expert_labels(stats, count: int) -> list[str]:
+    names = stats.expert_names
+    return list(names) if names is not None and len(names) == count else [str(e) for e in range(count)]
+
+
 def _annotate(ax, matrix: torch.Tensor) -> None:
     if matrix.shape[0] * matrix.shape[1] > 160:
         return
@@ -59,7 +64,7 @@ def plot_expert_load(stats, path: str) -> str:
     )
     _annotate(ax, load)
     ax.set_yticks(range(len(layers)), [short_name(n) for n in layers], fontsize=7)
-    ax.set_xticks(range(load.shape[1]), [str(e) for e in range(load.shape[1])], fontsize=7)
+    ax.set_xticks(range(load.shape[1]), _expert_labels(stats, load.shape[1]), fontsize=7)
     ax.set_xlabel("expert")
     ax.set_title("expert load per layer (share of the routing)", fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.05)
@@ -92,7 +97,7 @@ def plot_routing_by_group(stats, path: str) -> str:
         _annotate(ax, matrix)
         ax.set_title(short_name(name), fontsize=8)
         ax.set_yticks(range(len(stats.groups)), stats.groups, fontsize=7)
-        ax.set_xticks(range(matrix.shape[1]), [str(e) for e in range(matrix.shape[1])], fontsize=6)
+        ax.set_xticks(range(matrix.shape[1]), _expert_labels(stats, matrix.shape[1]), fontsize=6)
     for ax in list(axes.flat)[len(layers) :]:
         ax.axis("off")
     shown = "" if len(layers) == len(stats.layers) else f" ({len(layers)} of {len(stats.layers)} layers)"

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from .summary import Totals, normalized_entropy
+from .summary import TENSORS, Totals, normalized_entropy
 
 
 @dataclass
@@ -262,9 +263,12 @@ class RoutingProbe:
         self.totals[label] = totals
 
     # -- reading --------------------------------------------------------------------------------------------------
-    def take(self) -> tuple[dict[str, Totals], Optional[float], int]:
+    def take(self, all_reduce: bool = False) -> tuple[dict[str, Totals], Optional[float], int]:
         """(totals per layer on the CPU, mean router loss per counted forward or None, counted forwards) of the
-        window since the last take(); the totals start again from zero."""
+        window since the last take(); the totals start again from zero. all_reduce=True sums them over the
+        data-parallel ranks first (every rank must call it, as every rank runs Trainer.log)."""
+        if all_reduce and dist.is_available() and dist.is_initialized():
+            self._all_reduce()
         totals = {label: t.cpu() for label, t in self.totals.items()}
         loss = (
             None if self.router_loss_sum is None or not self.forwards else float(self.router_loss_sum) / self.forwards
@@ -272,3 +276,22 @@ class RoutingProbe:
         forwards = self.forwards
         self.totals, self.router_loss_sum, self.forwards = {}, None, 0
         return totals, loss, forwards
+
+    def _all_reduce(self) -> None:
+        device = next((t.counts.device for t in self.totals.values()), torch.device("cpu"))
+        if dist.get_backend() == "nccl" and device.type != "cuda":
+            device = torch.device("cuda", torch.cuda.current_device())
+        # every rank runs the same layers; the scalars travel in one tensor
+        scalars = torch.tensor(
+            [float(self.forwards), 0.0 if self.router_loss_sum is None else float(self.router_loss_sum)],
+            dtype=torch.float64,
+            device=device,
+        )
+        dist.all_reduce(scalars)
+        self.forwards = int(scalars[0])
+        self.router_loss_sum = scalars[1] if self.router_loss_sum is not None else None
+        for label in sorted(self.totals):
+            reduced = self.totals[label].apply(lambda t: t.to(device))
+            for name in TENSORS:
+                dist.all_reduce(getattr(reduced, name))
+            self.totals[label] = reduced

@@ -16,7 +16,8 @@ from ..tiny import char_tokenizer, tiny_llama, tiny_moe
 from .config import TinyBaseConfig
 from .data import tokenize_example
 
-BASE_ALPHABET = "abcdefghijklmnopqrstuvwx"  # the letters the tiny base learns (bundled tasks use a-j)
+BASE_ALPHABET = "abcdefghijklmnopqrstuvwx"  # the letters a tiny Llama base learns (bundled tasks use a-j)
+MOE_ALPHABET = "abcdefghij"  # a tiny MoE base learns the bundled tasks themselves (RoMA needs successes)
 LLAMA_TASKS = ("cpy", "dup")  # what a tiny Llama base knows before any adapter: the format, the characters
 
 
@@ -32,12 +33,14 @@ def tiny_base_path(config: TinyBaseConfig, method: str) -> str:
     """The tiny base's directory: built and trained on first use, then reused (the key covers every setting)."""
     arch = tiny_arch(config, method)
     tasks = list(config.pretrain_tasks or (DEFAULT_TASKS if arch != "llama" else LLAMA_TASKS))
+    alphabet = config.pretrain_alphabet or (BASE_ALPHABET if arch == "llama" else MOE_ALPHABET)
     settings = {
         "arch": arch,
         "steps": config.pretrain_steps,
         "batch": config.pretrain_batch_size,
         "lr": config.pretrain_lr,
         "tasks": tasks,
+        "alphabet": alphabet,
         "hidden": config.hidden_size,
         "layers": config.num_layers,
         "seed": config.seed,
@@ -46,11 +49,11 @@ def tiny_base_path(config: TinyBaseConfig, method: str) -> str:
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     path = os.path.join(cache_root(), f"tiny-{arch}-{key}")
     if not os.path.exists(os.path.join(path, "config.json")):
-        _build_tiny_base(path, arch, tasks, config)
+        _build_tiny_base(path, arch, tasks, alphabet, config)
     return path
 
 
-def _build_tiny_base(path: str, arch: str, tasks: list[str], config: TinyBaseConfig) -> None:
+def _build_tiny_base(path: str, arch: str, tasks: list[str], alphabet: str, config: TinyBaseConfig) -> None:
     tokenizer = char_tokenizer()
     vocab = len(tokenizer)
     if arch == "llama":
@@ -63,7 +66,7 @@ def _build_tiny_base(path: str, arch: str, tasks: list[str], config: TinyBaseCon
     steps, batch_size = config.pretrain_steps, config.pretrain_batch_size
     if steps:
         torch.manual_seed(config.seed)
-        samples = make_samples(steps * batch_size, tasks, seed=config.seed, alphabet=BASE_ALPHABET)
+        samples = make_samples(steps * batch_size, tasks, seed=config.seed, alphabet=alphabet)
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.pretrain_lr)
         schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.pretrain_lr, total_steps=steps, pct_start=0.1)
         model.train()

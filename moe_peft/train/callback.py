@@ -110,7 +110,7 @@ class RoutingStatsCallback(TrainerCallback):
     # -- the values ------------------------------------------------------------------------------------------------
     def window(self) -> dict[str, float]:
         """The values of the window since the previous call (the module docstring's keys), and a new window."""
-        totals, router_loss, forwards = self.probe.take()
+        totals, router_loss, forwards = self.probe.take(all_reduce=True)  # over data-parallel ranks
         values: dict[str, float] = {}
         if not forwards:
             return values

@@ -89,6 +89,8 @@ class TinyBaseConfig:
         pretrain_steps / pretrain_batch_size / pretrain_lr: the full training of the base.
         pretrain_tasks: its bundled tasks; null: cpy and dup (llama: the adapters then learn new tasks), or the
             default tasks (MoE, for RoMA, whose router tuning needs a base that already gets samples right).
+        pretrain_alphabet: the letters of its samples; null: a-x for llama (every letter the bundled tasks use),
+            a-j for a MoE (the bundled tasks' own letters, as in examples/roma_router_tuning.py).
         hidden_size, num_layers: its size; seed: its initialization and data.
     """
 
@@ -97,6 +99,7 @@ class TinyBaseConfig:
     pretrain_batch_size: int = 32
     pretrain_lr: float = 3e-3
     pretrain_tasks: Optional[list[str]] = None
+    pretrain_alphabet: Optional[str] = None
     hidden_size: int = 64
     num_layers: int = 2
     seed: int = 0

@@ -29,13 +29,16 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.utils import logging
 from trl import SFTTrainer
 
 from ..accumulation import accumulation_weight
+from ..roma.config import RoMAConfig
 from ..roma.trainer import RoMALossMixin
 from .callback import RoutingStatsCallback
 
 SAMPLE_TYPES, TASK_IDS = "sample_types", "task_ids"
+logger = logging.get_logger(__name__)
 
 
 def _config_of(model: nn.Module, peft_config) -> Any:
@@ -143,9 +146,10 @@ class MoESFTTrainer(RoMALossMixin, SFTTrainer):
         train_dataset, peft_config = bound.get("train_dataset"), bound.get("peft_config")
         config = _config_of(model, peft_config) if not isinstance(model, str) else peft_config
         self._routing_columns = routing_columns(config)
-        is_roma = type(config).__name__ == "RoMAConfig"
+        is_roma = isinstance(config, RoMAConfig)
         packing = getattr(sft_args, "packing", False)
-        columns = set(getattr(train_dataset, "column_names", None) or [])
+        known = getattr(train_dataset, "column_names", None)  # None for an IterableDataset without features
+        columns = set(known or [])
         if packing and is_roma:
             raise ValueError(
                 "packing=True is invalid with a RoMA adapter: its regularizer pulls each sample's routing (at its last "
@@ -157,7 +161,7 @@ class MoESFTTrainer(RoMALossMixin, SFTTrainer):
                 f"per-sample columns {sorted(columns & set(self._routing_columns))}: the whole batch becomes one row. "
                 "Use packing_strategy='wrapped' (rows are packed per task / sample type) or packing=False."
             )
-        if _needs_task_ids(config) and train_dataset is not None and TASK_IDS not in columns:
+        if _needs_task_ids(config) and known is not None and TASK_IDS not in columns:
             raise ValueError(
                 f"{type(config).__name__} routes every sample by its task, but train_dataset has no `task_ids` column "
                 f"(columns: {sorted(columns)}); add one (int task ids in [0, n_tasks)), e.g. with moe_peft.train.load_data."
@@ -237,15 +241,20 @@ class MoESFTTrainer(RoMALossMixin, SFTTrainer):
             }
             for i in range(len(raw))
         ]
-        collate = self.data_collator
-        return build_reference(
+        reference = build_reference(
             self.model,
             rows,
             self.processing_class,
-            collate,
+            self.data_collator,
             batch_size=self.args.per_device_train_batch_size,
             cache_dir=os.path.join(self.args.output_dir, "roma"),
         )
+        logger.info(
+            "RoMA reference: the pretrained model answers %d of %d training samples right",
+            int(reference.success.sum()),
+            len(reference),
+        )
+        return reference
 
     # -- the dataset: routing columns kept, packing per routing value ----------------------------------------------
     def _set_signature_columns_if_needed(self) -> None:
