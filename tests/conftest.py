@@ -18,7 +18,10 @@ import moe_peft  # noqa: E402
 from moe_peft.tiny import tiny_llama  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(1)  # tiny models: one thread is the fastest, and it leaves the other cores to other jobs
+# tiny models: one thread is the fastest, and it leaves the other cores to other jobs; the environment variable
+# gives the subprocesses of the fresh-process tests the same thread count (the same float reduction order)
+torch.set_num_threads(1)
+os.environ["OMP_NUM_THREADS"] = "1"
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 

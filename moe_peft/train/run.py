@@ -111,11 +111,7 @@ def _write_stats(config: RunConfig, model, tokenizer, data: UserData, out_dir: s
 
     stats = config.stats
     rows = _stats_rows(config, data, log)
-    by = stats.by if stats.by is None or stats.by in ("task", "sample_type") else None
-    if by == "task" and "task" not in rows.column_names:
-        by = None
-    if by == "sample_type" and "sample_types" not in rows.column_names:
-        by = None
+    by = _grouping(stats.by, rows, config.data.train, log)
     result = collect(
         model, rows, by=by, tokenizer=tokenizer, batch_size=stats.batch_size, task_names=data.tasks or None
     )
@@ -134,6 +130,15 @@ class TrainRun:
 
 def _losses(trainer) -> list[float]:
     return [log["loss"] for log in trainer.state.log_history if "loss" in log]
+
+
+def _grouping(by: Optional[str], rows, source: str, log: Callable) -> Optional[str]:
+    """`by`, or None (one group) when the rows lack that field."""
+    column = {"task": "task", "sample_type": "sample_types"}.get(by)
+    if column is not None and column not in rows.column_names:
+        log(f"{source} has no {by} field: routing statistics over all rows")
+        return None
+    return by
 
 
 def train_from_config(config: RunConfig, log: Callable = print) -> TrainRun:
@@ -226,16 +231,13 @@ def stats_from_adapter(
         if not base:
             raise ValueError(f"{adapter}/adapter_config.json records no base model: pass --base PATH.")
         tokenizer = load_tokenizer(adapter if os.path.exists(os.path.join(adapter, "tokenizer_config.json")) else base)
-        tasks_file = os.path.join(adapter, TASKS_FILE)
-        tasks = json.load(open(tasks_file)) if os.path.exists(tasks_file) else None
+        tasks = None
+        if os.path.exists(os.path.join(adapter, TASKS_FILE)):
+            with open(os.path.join(adapter, TASKS_FILE)) as f:
+                tasks = json.load(f) or None
         model = PeftModel.from_pretrained(load_model(base), adapter).eval()
-        rows = load_data(DataConfig(train=data, max_samples=samples), tasks or None, log).dataset
-        if by == "task" and "task" not in rows.column_names:
-            log(f"{data} has no task field: statistics over all rows")
-            by = None
-        if by == "sample_type" and "sample_types" not in rows.column_names:
-            log(f"{data} has no sample_type field: statistics over all rows")
-            by = None
+        rows = load_data(DataConfig(train=data, max_samples=samples), tasks, log).dataset
+        by = _grouping(by, rows, data, log)
         result = collect(model, rows, by=by, tokenizer=tokenizer, batch_size=batch_size, task_names=tasks)
         return result.save(out_dir)
     finally:
