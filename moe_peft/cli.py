@@ -15,6 +15,9 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--batch-size", type=int, default=32)
     demo.add_argument("--lr", type=float, default=3e-3)
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--threads", type=int, default=1, help="torch threads (default 1: the fastest for a tiny model, reproducible)"
+    )
     bench = sub.add_parser("bench", help="benchmarks that print ratios against baselines run in the same process")
     bench.add_argument("what", choices=["ops"], help="ops: the routed-LoRA op vs PEFT LoRA, loops and einsums")
     bench.add_argument("--grid", choices=["default", "full"], default="default")
@@ -43,7 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from .demo import run_demo
 
-        run_demo(out_dir=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+        run_demo(
+            out_dir=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+            threads=args.threads,
+        )  # fmt: skip
     elif args.command == "bench":
         from .bench import bench_ops
 

@@ -46,7 +46,7 @@ class RoutingContext:
         self.sticky_sample_types: Optional[torch.Tensor] = None  # held for every step of a generate() call
 
     def start_forward(self, attention_mask=None, sample_types=None) -> None:
-        self.attention_mask = attention_mask
+        self.attention_mask = padding_mask(attention_mask)
         self.sample_types = sample_types
         self.loss_grad_scale = None
         self.forward_id += 1
@@ -56,15 +56,46 @@ class RoutingContext:
         """Flattened [T] bool mask of non-padding tokens for a layer input with leading dims lead_shape.
 
         With a KV cache the layers see only the last S positions of the [B, S_total] mask.
-        Returns None (all tokens count) when no mask applies to this shape.
+        Returns None (all tokens count) when no mask applies to this shape: no mask, or a layer whose input
+        is not the text sequence (e.g. a vision tower's [images, patches]).
         """
         mask = self.attention_mask
-        if mask is None or mask.dim() != 2 or len(lead_shape) != 2:
+        if mask is None or len(lead_shape) != 2:
             return None
         batch, seq = lead_shape
         if mask.shape[0] != batch or mask.shape[1] < seq:
             return None
-        return mask[:, -seq:].reshape(-1).bool()  # [B, S] -> [T]
+        return mask[:, -seq:].reshape(-1)  # [B, S] -> [T]
+
+
+def padding_mask(attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The [B, S] bool mask of real (non-padding) tokens carried by a forward's `attention_mask`.
+
+    [B, S] (the usual padding mask): nonzero is a real token. [B, Sq, Sk] or [B, H, Sq, Sk] (a custom or packed
+    attention mask, as transformers accepts): a query token is real when it attends to itself, its diagonal
+    entry (key Sk - Sq + i for query i, so a KV cache works) being True, nonzero for an integer mask, or not
+    masked (above half the dtype's minimum) for an additive float mask; padding rows must be fully masked.
+    Any other shape raises: silently counting padding in the router statistics is not an option.
+    """
+    if attention_mask is None:
+        return None
+    mask = attention_mask
+    if mask.dim() == 2:
+        return mask.bool()
+    if mask.dim() not in (3, 4):
+        raise ValueError(
+            f"attention_mask has shape {tuple(mask.shape)}; moe_peft reads the padding from a [batch, seq] mask "
+            "(or a [batch, seq, seq] / [batch, heads, seq, seq] attention mask): pass one of those."
+        )
+    if mask.dim() == 4:
+        mask = mask[:, 0]  # [B, H, Sq, Sk] -> [B, Sq, Sk]: the heads share the padding
+    queries, keys = mask.shape[-2], mask.shape[-1]
+    diag = torch.diagonal(mask, offset=keys - queries, dim1=-2, dim2=-1)  # [B, Sq]: query i vs its own key
+    if diag.dtype == torch.bool:
+        return diag
+    if diag.dtype.is_floating_point:
+        return diag > torch.finfo(diag.dtype).min / 2  # additive: 0 attends, -inf or the minimum masks
+    return diag != 0
 
 
 class _AttachRouterLoss(torch.autograd.Function):

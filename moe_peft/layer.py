@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from .config import MoELoraConfig
+from .config import MoELoraConfig, SMoRAConfig
 from .context import RoutingContext, attach_router_loss
 from .methods import RouterRecord, build_router, expert_bank_shape, is_mergeable, router_loss_and_stats
 from .ops import apply_lora_experts, linear_lora_experts
@@ -219,10 +219,18 @@ class MoELoraLinear(nn.Module, BaseTunerLayer):
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         config = self.configs[adapter]
         if not is_mergeable(config):
+            if isinstance(config, SMoRAConfig):
+                what = (
+                    f"is a SMoRA adapter: every token activates its own top_k={config.top_k} of the r={config.r} "
+                    "ranks of its LoRA"
+                )
+                only = "a plain PEFT LoRA (LoraConfig) merges"
+            else:
+                what = f"routes every token to its own experts (num_experts={config.num_experts})"
+                only = "only a single-expert adapter (num_experts=1, no null experts) merges exactly"
             raise ValueError(
-                f"Adapter '{adapter}' routes every token to its own experts (num_experts={config.num_experts}), so "
-                "it is not one fixed weight and cannot be merged into the base layer. Keep it unmerged for "
-                "inference; only a single-expert adapter (num_experts=1, no null experts) merges exactly."
+                f"Adapter '{adapter}' {what}, so it is not one fixed weight and cannot be merged into the base "
+                f"layer. Keep it unmerged for inference; {only}."
             )
         a, b = self.experts_A[adapter], self.experts_B[adapter]
         return (b[0] @ a[0]) * self.scalings[adapter]  # [out, r] @ [r, in] -> [out, in]

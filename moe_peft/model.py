@@ -250,7 +250,7 @@ class MoELoraModel(BaseTuner):
                 return (outputs[0] + added.to(outputs[0].dtype),) + tuple(outputs[1:])
             if getattr(outputs, "loss", None) is not None:
                 outputs.loss = outputs.loss + added.to(outputs.loss.dtype)
-        if not isinstance(outputs, tuple):
+        if isinstance(outputs, dict):  # a ModelOutput (a plain tensor or tuple output has no room for it)
             outputs["router_loss"] = router_loss
         return outputs
 
@@ -287,7 +287,8 @@ def router_loss(model: nn.Module) -> torch.Tensor:
 
 def routing_stats(model: nn.Module, adapter_name: Optional[str] = None) -> dict[str, dict[str, Any]]:
     """Per routed layer, from the latest forward: expert load [E] (fraction of picks), null-expert fraction,
-    the layer's weighted router loss and the number of routed (non-padding) tokens."""
+    experts per token (mean number of real experts per non-padding token: what top-p and null-expert papers
+    report), the layer's weighted router loss and the number of routed (non-padding) tokens."""
     tuner = _tuner(model)
     stats = {}
     for name, layer in tuner._moe_layers():
@@ -297,6 +298,7 @@ def routing_stats(model: nn.Module, adapter_name: Optional[str] = None) -> dict[
             stats[name if adapter_name else f"{name}[{adapter}]"] = {
                 "load": record.load.tolist(),
                 "null_fraction": record.null_fraction,
+                "experts_per_token": float(record.experts_per_token),
                 "loss": None if record.loss is None else float(record.loss),
                 "tokens": record.num_tokens,
             }

@@ -196,3 +196,13 @@ def test_accumulation_weight_follows_trainer_training_step(tmp_path):
     assert moe_peft.accumulation_weight(trainer, torch.tensor(100)) == 1.0
     trainer.compute_loss_func = lambda outputs, labels, num_items_in_batch=None: outputs.loss
     assert moe_peft.accumulation_weight(trainer, None) == 0.25
+
+
+def test_a_root_module_that_returns_a_plain_tensor():
+    """A tuner on a bare torch module: its output has no room for router_loss; router_loss(model) has it."""
+    base = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    config = moe_peft.MoLEConfig(r=2, num_experts=2, top_k=2, target_modules=["0"], router_granularity="linear")
+    model = get_peft_model(base, config).train()
+    out = model(torch.randn(3, 5, 8))
+    assert isinstance(out, torch.Tensor) and out.shape == (3, 5, 8)
+    assert moe_peft.router_loss(model) > 0 and moe_peft.router_loss(model).requires_grad

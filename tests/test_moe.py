@@ -96,13 +96,13 @@ def test_padding_takes_no_part_in_router_statistics(base, batch):
     model(**batch)
     stats = moe_peft.routing_stats(model, "default")
     assert all(s["tokens"] == int(batch["attention_mask"].sum()) for s in stats.values())
-    loss_masked = float(model(**batch).router_loss)
+    loss_masked = model(**batch).router_loss.item()
     # changing what sits at padded positions changes neither statistics nor loss
     ids = batch["input_ids"].clone()
     ids[batch["attention_mask"] == 0] = 5
-    loss_other_pad = float(
-        model(input_ids=ids, attention_mask=batch["attention_mask"], labels=batch["labels"]).router_loss
-    )
+    loss_other_pad = model(
+        input_ids=ids, attention_mask=batch["attention_mask"], labels=batch["labels"]
+    ).router_loss.item()
     assert abs(loss_masked - loss_other_pad) < 1e-6
 
 
@@ -114,21 +114,6 @@ def test_loramoe_localized_balancing_needs_sample_types(base, batch):
     assert out.router_loss > 0
     with pytest.raises(ValueError, match="sample_types"):
         model(**batch, sample_types=torch.tensor([[1, 0, 0]]))
-
-
-def test_loramoe_constraint_matches_the_released_formula():
-    from moe_peft.losses import localized_balance
-
-    w = torch.tensor([[[0.4, 0.4, 0.1, 0.1], [0.3, 0.3, 0.2, 0.2]], [[0.1, 0.1, 0.4, 0.4], [0.5, 0.5, 0.0, 0.0]]])
-    mask = torch.tensor([[True, True], [True, False]])  # the last token of sample 2 is padding
-    types, delta = torch.tensor([1, 0]), 0.1
-    q = torch.tensor([[0.7, 0.7, 0.3, 0.3], [0.1, 0.1, 0.4, 0.4]])  # importance, padding excluded
-    coef = torch.tensor([[1.1, 1.1, 0.9, 0.9], [0.9, 0.9, 1.1, 1.1]])  # type 1: first half; type 0: second
-    z = (coef * q).flatten()
-    torch.testing.assert_close(localized_balance(w, mask, types, delta), z.var() / (z.mean() ** 2 + 1e-10))
-    # equal I*Q everywhere costs nothing
-    flat = torch.tensor([[[1 / 1.1, 1 / 1.1, 1 / 0.9, 1 / 0.9]], [[1 / 0.9, 1 / 0.9, 1 / 1.1, 1 / 1.1]]])
-    assert localized_balance(flat, torch.ones(2, 1, dtype=torch.bool), types, delta) < 1e-10
 
 
 def test_smora_selection_bias_does_not_enter_gate_values():
