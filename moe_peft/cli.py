@@ -54,7 +54,28 @@ def main(argv: list[str] | None = None) -> int:
         from .bench import bench_ops
 
         bench_ops(grid=args.grid, device=args.device, reps=args.reps)
-    elif args.command == "train":
+    elif args.command in ("train", "stats"):
+        from .train.config import ConfigError
+        from .train.data import DataError
+
+        _quiet_library_warnings()
+        try:
+            _train_or_stats(args)
+        except (ConfigError, DataError, FileNotFoundError) as error:  # the user's YAML or data: no traceback
+            print(f"moe-peft {args.command}: {error}", file=sys.stderr)
+            return 2
+    return 0
+
+
+def _quiet_library_warnings() -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notices between transformers and TRL
+    warnings.filterwarnings("ignore", message=".*pin_memory.*no accelerator.*")
+
+
+def _train_or_stats(args) -> None:
+    if args.command == "train":
         from .train.config import load_config
         from .train.run import train_from_config
 
@@ -63,18 +84,16 @@ def main(argv: list[str] | None = None) -> int:
             config.threads = args.threads
         run = train_from_config(config)
         print(f"\ntrained {config.method} in {run.seconds:.1f} s; wrote:")
-        for what, path in run.paths.items():
-            print(f"  {what:<18} {path}")
-    elif args.command == "stats":
+        paths = run.paths
+    else:
         from .train.run import stats_from_adapter
 
         paths = stats_from_adapter(
             args.adapter, args.data, args.out, by=None if args.by == "none" else args.by, samples=args.samples,
             batch_size=args.batch_size, base=args.base, threads=args.threads,
         )  # fmt: skip
-        for what, path in paths.items():
-            print(f"  {what:<18} {path}")
-    return 0
+    for what, path in paths.items():
+        print(f"  {what:<18} {path}")
 
 
 if __name__ == "__main__":

@@ -191,3 +191,15 @@ def test_shipped_config_full_run(path, tmp_path):
             assert abs(losses[-1] - losses[0]) < 0.1, losses
         else:
             assert losses[-1] < 0.8 * losses[0], (part, losses)
+
+
+def test_cli_reports_config_and_data_errors_without_a_traceback(tmp_path, capsys):
+    config = ROOT / "configs" / "mole.yaml"
+    assert main(["train", str(config), "--set", "training.max_step=3"]) == 2
+    assert "did you mean 'max_steps'?" in capsys.readouterr().err
+    assert main(["train", str(config), "--set", "adapter.top_k=9"]) == 2  # the config class names the field
+    assert "adapter: top_k=9 is invalid" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"}\n')
+    assert main(["train", str(config), "--set", f"data.train={bad}", "--set", f"training.output_dir={tmp_path}"]) == 2
+    assert f"{bad}, row 2: field 'response' is missing" in capsys.readouterr().err

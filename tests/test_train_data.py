@@ -163,3 +163,18 @@ def test_chat_template_tokens_reach_the_trainer(tmp_path):
     assert prepared["input_ids"] == want == tokenize_example(data.dataset[1], tok)["input_ids"]
     answer = [t for t, label in zip(prepared["input_ids"], prepared["labels"]) if label != -100]
     assert tok.decode(answer) == "abc<eos>"  # the assistant's answer only
+
+
+def test_a_file_mixing_chat_and_pairs_reads_pairs_as_turns(tmp_path):
+    printed = []
+    rows = [CHAT[0], {"prompt": "Sort: cab", "response": "abc", "task": "srt"}]
+    data = load_data(_jsonl(tmp_path / "mixed.jsonl", rows), log=printed.append)
+    assert data.dataset[1]["prompt"] == [{"role": "user", "content": "Sort: cab"}]
+    assert data.dataset[1]["completion"] == [{"role": "assistant", "content": "abc"}]
+    assert len(printed) == 1 and "mixes chat rows and prompt/response rows" in printed[0]
+
+
+def test_an_optional_field_in_a_later_row_only_is_a_bad_first_row(tmp_path):
+    rows = [{"prompt": "a", "response": "b"}, {"prompt": "c", "response": "d", "sample_type": 1}]
+    with pytest.raises(DataError, match=r"row 1: field 'sample_type' is missing \(other rows have one\)"):
+        load_data(_jsonl(tmp_path / "partial.jsonl", rows))

@@ -1,17 +1,19 @@
 """User data for training: one loader for local JSON / JSONL / CSV files, any `datasets` name or saved dataset
 directory, and the bundled synthetic tasks.
 
-Two row formats (detected from the first row, or set with `format`):
+Two row formats (told apart row by row, or fixed with `format`):
 
 * chat: `{"messages": [{"role": "user", "content": ...}, ..., {"role": "assistant", "content": ...}]}`; the last
   message must be the assistant's. It trains on that last answer (TRL's completion-only loss); the earlier turns
   are its prompt, rendered with the tokenizer's chat template.
 * prompt/response pairs: `{"prompt": ..., "response": ...}`, also spelled instruction/output (Alpaca, with an
   optional `input` appended to the instruction), question/answer or prompt/completion. Plain text by default;
-  `chat_template: true` turns each pair into a user turn and an assistant turn rendered with the chat template.
+  `chat_template: true` turns each pair into a user turn and an assistant turn rendered with the chat template (and
+  so does a file that also has chat rows: one dataset has one prompt format).
 
 Optional per-row fields: `task` (a name or an int: MHR routes by it, PHATGOOSE trains one expert per task, the
-statistics group by it) and `sample_type` (0 or 1: LoRAMoE's localized balancing).
+statistics group by it) and `sample_type` (0 or 1: LoRAMoE's localized balancing). Either is in every row or in
+none: a row without one that other rows have is a bad row.
 
 A bad row (a missing field, a wrong type, an empty text) raises `DataError` naming the file, the row and the field.
 Nothing is dropped silently: with `skip_bad_rows: true` bad rows are skipped and their count printed.
@@ -45,13 +47,13 @@ class DataConfig:
     Args:
         train: "bundled" (moe_peft.data's synthetic tasks), a local .json / .jsonl / .csv file, a directory saved
             with `Dataset.save_to_disk`, or a `datasets` name (`datasets.load_dataset(train, subset, split=split)`).
-        format: "auto" (chat if the first row has `messages_field`, else pairs), "messages" or "pairs".
+        format: "auto" (a row with `messages_field` is chat, any other a pair), "messages" or "pairs".
         prompt_field / response_field / input_field: field names of pairs (None: the first of PROMPT_FIELDS /
-            RESPONSE_FIELDS present in the first row; `input` goes with `instruction`).
+            RESPONSE_FIELDS present in the first pair row; `input` goes with `instruction`).
         task_field / sample_type_field: the optional per-row fields (None: not read).
         chat_template: render pairs as a user and an assistant turn with the tokenizer's chat template.
         skip_bad_rows: skip bad rows (their count is printed) instead of raising.
-        max_samples: use only the first N rows.
+        max_samples: read only the first N rows.
         bundled_tasks / bundled_samples / bundled_seed: what train="bundled" makes.
     """
 
@@ -244,28 +246,38 @@ def load_data(config: Any = None, task_names: Optional[list[str]] = None, log=pr
         config = DataConfig() if config is None else DataConfig(train=config)
     elif isinstance(config, dict):
         config = DataConfig(**config)
-    rows, bad, first_error = [], 0, None
-    fields: Optional[dict[str, Any]] = None
-    has_task = has_type = None
+    records = []
     for where, record in _records(config):
-        if config.max_samples is not None and len(rows) >= config.max_samples:
+        if config.max_samples is not None and len(records) >= config.max_samples:
             break
+        records.append((where, record))
+    # an optional field that some row has must be in every row: a row without it is a bad row, not a silent default
+    has_task = config.task_field is not None and any(_has(r, config.task_field) for _, r in records)
+    has_type = config.sample_type_field is not None and any(_has(r, config.sample_type_field) for _, r in records)
+    chat_rows = config.format == "messages" or (
+        config.format == "auto" and any(_has(r, config.messages_field) for _, r in records)
+    )
+    pairs_as_chat = config.chat_template or chat_rows  # one file, one prompt format: pairs become chat turns
+    rows, bad, first_error, pair_fields, mixed = [], 0, None, None, False
+    for where, record in records:
         try:
             if not isinstance(record, dict):
                 raise DataError(f"{where}: a row must be an object with named fields, got {type(record).__name__}.")
-            if fields is None:  # the layout comes from the first row
-                fields = _layout(config, record, where)
-                has_task = config.task_field is not None and config.task_field in record
-                has_type = config.sample_type_field is not None and config.sample_type_field in record
-            row = _convert(config, fields, record, where)
+            if config.format == "messages" or (config.format == "auto" and config.messages_field in record):
+                messages = _messages(where, record, config.messages_field)
+                row = {"prompt": messages[:-1], "completion": messages[-1:]}
+            else:
+                pair_fields = pair_fields or _pair_fields(config, record, where)  # named by the first pair row
+                row = _pair(record, pair_fields, where, pairs_as_chat)
+                mixed = mixed or chat_rows
             if has_task:
                 row["task"] = _task(where, record, config.task_field)
                 if row["task"] is None:
-                    raise DataError(f"{where}: field {config.task_field!r} is missing (earlier rows have one).")
+                    raise DataError(f"{where}: field {config.task_field!r} is missing (other rows have one).")
             if has_type:
                 row["sample_types"] = _sample_type(where, record, config.sample_type_field)
                 if row["sample_types"] is None:
-                    raise DataError(f"{where}: field {config.sample_type_field!r} is missing (earlier rows have one).")
+                    raise DataError(f"{where}: field {config.sample_type_field!r} is missing (other rows have one).")
         except DataError as e:
             if not config.skip_bad_rows:
                 raise DataError(f"{e} Fix the row, or set data.skip_bad_rows: true to skip bad rows.") from None
@@ -273,6 +285,10 @@ def load_data(config: Any = None, task_names: Optional[list[str]] = None, log=pr
             first_error = first_error or str(e)
             continue
         rows.append(row)
+    if mixed:
+        log(
+            f"{config.train} mixes chat rows and prompt/response rows: the pairs are read as a user and an assistant turn"
+        )
     if bad:
         log(f"skipped {bad} bad rows of {config.train} (data.skip_bad_rows); the first: {first_error}")
     if not rows:
@@ -288,29 +304,25 @@ def load_data(config: Any = None, task_names: Optional[list[str]] = None, log=pr
     return UserData(datasets.Dataset.from_list(rows), tasks, config.train, bad)
 
 
-def _layout(config: DataConfig, first: dict, where: str) -> dict[str, Any]:
-    kind = config.format
-    if kind == "auto":
-        kind = "messages" if config.messages_field in first else "pairs"
-    if kind == "messages":
-        return {"kind": "messages"}
+def _has(record: Any, name: str) -> bool:
+    return isinstance(record, dict) and record.get(name) is not None
+
+
+def _pair_fields(config: DataConfig, first: dict, where: str) -> dict[str, Optional[str]]:
     prompt = _pick(first, config.prompt_field, PROMPT_FIELDS, "prompt", where)
     response = _pick(first, config.response_field, RESPONSE_FIELDS, "response", where)
     extra = config.input_field or ("input" if prompt == "instruction" and "input" in first else None)
-    return {"kind": "pairs", "prompt": prompt, "response": response, "input": extra}
+    return {"prompt": prompt, "response": response, "input": extra}
 
 
-def _convert(config: DataConfig, fields: dict[str, Any], record: dict, where: str) -> dict[str, Any]:
-    if fields["kind"] == "messages":
-        messages = _messages(where, record, config.messages_field)
-        return {"prompt": messages[:-1], "completion": messages[-1:]}
+def _pair(record: dict, fields: dict[str, Optional[str]], where: str, as_chat: bool) -> dict[str, Any]:
     prompt = _text(where, record, fields["prompt"])
     response = _text(where, record, fields["response"])
     if fields["input"] is not None:
         extra = _text(where, record, fields["input"], required=False)
         if extra and extra.strip():
             prompt = f"{prompt}\n\n{extra}"
-    if config.chat_template:
+    if as_chat:
         return {
             "prompt": [{"role": "user", "content": prompt}],
             "completion": [{"role": "assistant", "content": response}],

@@ -23,8 +23,8 @@ from typing import Optional
 import torch
 
 from .base import load_model, load_tokenizer, resolve_base
-from .config import RunConfig, method_config_class
-from .data import DataConfig, UserData, load_data
+from .config import ConfigError, RunConfig, method_config_class
+from .data import DataConfig, DataError, UserData, load_data
 
 TASKS_FILE = "tasks.json"
 
@@ -47,7 +47,10 @@ def _sft_config(config: RunConfig, **changes):
     from trl import SFTConfig
 
     fields = {"output_dir": f"out/{config.method}", "report_to": "none", **config.training, **changes}
-    return SFTConfig(**fields)
+    try:
+        return SFTConfig(**fields)
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"{config.path or 'config'}: training: {error}") from error
 
 
 def _adapter_config(config: RunConfig, data: UserData):
@@ -57,11 +60,14 @@ def _adapter_config(config: RunConfig, data: UserData):
         if given is None:
             fields["n_tasks"] = len(data.tasks)  # one row of the routing matrix per task of the data
         elif given < len(data.tasks):
-            raise ValueError(
+            raise ConfigError(
                 f"adapter.n_tasks={given} is invalid: the data has {len(data.tasks)} tasks {data.tasks}; "
                 f"use n_tasks >= {len(data.tasks)} or leave it unset."
             )
-    return method_config_class(config.method)(**fields)
+    try:
+        return method_config_class(config.method)(**fields)
+    except (ValueError, TypeError) as error:  # the config class names the field and the fix
+        raise ConfigError(f"{config.path or 'config'}: adapter: {error}") from error
 
 
 def _trainer(config: RunConfig, base: str, train_dataset, tokenizer, peft_config, output_dir: str, stats: bool = True):
@@ -178,7 +184,7 @@ def _train_phatgoose(config: RunConfig, base: str, tokenizer, data: UserData, ou
     from ..phatgoose import assemble, train_gates
 
     if not data.tasks:
-        raise ValueError(
+        raise DataError(
             "method: phatgoose trains one LoRA expert per task: every row needs a task (data.task_field), and the "
             f"rows of {data.source} have none."
         )
@@ -229,7 +235,7 @@ def stats_from_adapter(
     try:
         base = base or PeftConfig.from_pretrained(adapter).base_model_name_or_path
         if not base:
-            raise ValueError(f"{adapter}/adapter_config.json records no base model: pass --base PATH.")
+            raise ConfigError(f"{adapter}/adapter_config.json records no base model: pass --base PATH.")
         tokenizer = load_tokenizer(adapter if os.path.exists(os.path.join(adapter, "tokenizer_config.json")) else base)
         tasks = None
         if os.path.exists(os.path.join(adapter, TASKS_FILE)):
