@@ -203,3 +203,17 @@ def test_cli_reports_config_and_data_errors_without_a_traceback(tmp_path, capsys
     bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"}\n')
     assert main(["train", str(config), "--set", f"data.train={bad}", "--set", f"training.output_dir={tmp_path}"]) == 2
     assert f"{bad}, row 2: field 'response' is missing" in capsys.readouterr().err
+
+
+def test_model_can_be_a_local_path(tmp_path):
+    """`model: <path>` loads the base and its tokenizer from there (what a hub id does after the download)."""
+    from moe_peft.tiny import char_tokenizer, tiny_llama
+
+    base = tmp_path / "my_base"
+    tokenizer = char_tokenizer()
+    tiny_llama(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    path = ROOT / "configs" / "mole.yaml"
+    run = train_from_config(load_config(str(path), [f"model={base}", *_quick(path, tmp_path / "run")]))
+    recorded = json.loads(pathlib.Path(run.paths["adapter"], "adapter_config.json").read_text())
+    assert recorded["base_model_name_or_path"] == str(base)
