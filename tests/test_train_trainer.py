@@ -322,3 +322,15 @@ def test_roma_refuses_packing(tok, tmp_path):
             model=base, args=_args(tmp_path, packing=True), train_dataset=_rows(), processing_class=tok,
             peft_config=RoMAConfig(),
         )  # fmt: skip
+
+
+def test_routing_inputs_collator_refuses_a_row_without_its_value():
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from moe_peft.train import RoutingInputsCollator
+
+    collate = RoutingInputsCollator(DataCollatorForLanguageModeling(pad_token_id=0), ("task_ids",))
+    batch = collate([{"input_ids": [1, 2, 3], "task_ids": 2}, {"input_ids": [1, 2], "task_ids": 0}])
+    assert batch["task_ids"].tolist() == [2, 0] and batch["input_ids"].shape == (2, 3)
+    with pytest.raises(ValueError, match="'task_ids' has no value in 1 rows"):
+        collate([{"input_ids": [1, 2, 3], "task_ids": 2}, {"input_ids": [1, 2], "task_ids": None}])
