@@ -23,6 +23,12 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: str) -> str:
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def short_name(layer: str) -> str:
     """model.layers.3.mlp.gate_proj -> L3.mlp.gate_proj (the prefix every layer shares adds nothing)."""
     parts = layer.replace("base_model.model.", "").split(".")
@@ -69,9 +75,7 @@ def plot_expert_load(stats, path: str) -> str:
     ax.set_title("expert load per layer (share of the routing)", fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.05)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_routing_by_group(stats, path: str) -> str:
@@ -104,9 +108,7 @@ def plot_routing_by_group(stats, path: str) -> str:
     fig.suptitle(f"routing by {stats.by}: share of each {stats.by}'s routing per expert{shown}", fontsize=9)
     if image is not None:
         fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.9)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_experts_per_token(stats, path: str) -> str:
@@ -126,9 +128,7 @@ def plot_experts_per_token(stats, path: str) -> str:
     ax.set_title("mean number of experts per token", fontsize=9)
     ax.legend(fontsize=7, ncol=2, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_all(stats, out_dir: str) -> dict[str, str]:
