@@ -7,10 +7,11 @@
 Importing this package registers the methods with PEFT (once; see _registration.py).
 """
 
-from . import mhr, phatgoose, stats
+from . import experts, mhr, multi_lora, phatgoose, stats
 from ._registration import forward_task_ids, register_methods
 from .accumulation import accumulation_weight
 from .config import LoRAMoEConfig, MoELoraConfig, MoLEConfig, SMoRAConfig
+from .experts import import_lora_adapter
 from .mhr import MHRConfig, MHRModel, import_poly_adapter
 from .model import (
     LoRAMoEModel,
@@ -67,7 +68,10 @@ __all__ = [
     "MHRModel",
     "PhatgooseModel",
     "import_poly_adapter",
+    "import_lora_adapter",
+    "experts",
     "mhr",
+    "multi_lora",
     "phatgoose",
     "RoMAModel",
     "apply_lora_experts",

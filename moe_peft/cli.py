@@ -19,8 +19,16 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=int, default=1, help="torch threads (default 1: the fastest for a tiny model, reproducible)"
     )
     bench = sub.add_parser("bench", help="benchmarks that print ratios against baselines run in the same process")
-    bench.add_argument("what", choices=["ops"], help="ops: the routed-LoRA op vs PEFT LoRA, loops and einsums")
-    bench.add_argument("--grid", choices=["default", "full"], default="default")
+    bench.add_argument(
+        "what",
+        choices=["ops", "experts", "multi"],
+        help="ops: the routed-LoRA op vs PEFT LoRA, loops and einsums; experts: LoRA on an MoE block's fused "
+        "experts vs PEFT's target_parameters (time and peak memory); multi: many adapters in one batch vs PEFT's "
+        "mixed batch and per-adapter sub-batches",
+    )
+    bench.add_argument("--grid", choices=["default", "full"], default="default", help="ops only")
+    bench.add_argument("--adapters", type=int, nargs="+", default=None, help="multi only: adapter counts (2 8 32)")
+    bench.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     bench.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     bench.add_argument("--reps", type=int, default=None)
     train = sub.add_parser(
@@ -51,9 +59,22 @@ def main(argv: list[str] | None = None) -> int:
             threads=args.threads,
         )  # fmt: skip
     elif args.command == "bench":
-        from .bench import bench_ops
+        import torch
 
-        bench_ops(grid=args.grid, device=args.device, reps=args.reps)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        if args.what == "experts":
+            from .bench import bench_experts
+
+            bench_experts(device=args.device, reps=args.reps)
+        elif args.what == "ops":
+            from .bench import bench_ops
+
+            bench_ops(grid=args.grid, device=args.device, reps=args.reps)
+        else:
+            from .bench import bench_multi
+
+            bench_multi(device=args.device, reps=args.reps, adapters=args.adapters)
     elif args.command in ("train", "stats"):
         from .train.config import ConfigError
         from .train.data import DataError

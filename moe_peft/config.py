@@ -32,6 +32,9 @@ class MoELoraConfig(PeftConfig):
         lora_alpha: LoRA scaling numerator; an expert's delta is scaled by `lora_alpha / r`.
         lora_dropout: dropout on the experts' input (the router always sees the undropped input).
         target_modules: names (suffix match) or a regex of the `nn.Linear` modules to adapt.
+        target_parameters: fused 3-D expert parameters of a transformers MoE model to adapt (PEFT's matching,
+            e.g. ["experts.gate_up_proj", "experts.down_proj"]): one LoRA of rank r, scaling lora_alpha / r, per
+            base expert, routed by the base model's own router (moe_peft/experts/, docs/methods.md).
         exclude_modules: names or a regex of modules never to adapt.
         num_experts: experts per routed layer.
         top_k: experts chosen per token.
@@ -65,7 +68,7 @@ class MoELoraConfig(PeftConfig):
         default=None, metadata={"help": "Modules trained in full and saved with the adapter."}
     )
     target_parameters: Optional[list[str]] = field(
-        default=None, metadata={"help": "Not supported yet: fused 3-D expert parameters come in a later release."}
+        default=None, metadata={"help": "Fused 3-D expert parameters: a LoRA per base expert, the base routing."}
     )
     num_experts: int = field(default=4, metadata={"help": "LoRA experts per routed layer."})
     top_k: int = field(default=1, metadata={"help": "Experts chosen per token."})
@@ -115,12 +118,13 @@ class MoELoraConfig(PeftConfig):
             raise _bad("router_granularity", self.router_granularity, f"use one of {ROUTER_GRANULARITIES}.")
         if self.kernel_backend not in BACKENDS:
             raise _bad("kernel_backend", self.kernel_backend, f"use one of {BACKENDS}.")
-        if self.target_parameters:
+        if self.target_parameters is not None and (
+            isinstance(self.target_parameters, str) or not all(isinstance(t, str) and t for t in self.target_parameters)
+        ):
             raise _bad(
                 "target_parameters",
                 self.target_parameters,
-                "targeting fused 3-D expert parameters is not supported yet; target nn.Linear modules with "
-                "target_modules instead.",
+                'use a list of parameter names, e.g. ["experts.gate_up_proj", "experts.down_proj"].',
             )
 
     def _num_null_experts(self) -> int:

@@ -44,6 +44,8 @@ class RoutingContext:
         self.in_forward: bool = False
         self.last_router_loss: Optional[torch.Tensor] = None  # the latest forward run with grad enabled
         self.sticky_sample_types: Optional[torch.Tensor] = None  # held for every step of a generate() call
+        # per-sample adapters of a mixed batch (`adapter_names`), set by moe_peft.multi_lora's root pre-hook
+        self.adapter_selection = None
 
     def start_forward(self, attention_mask=None, sample_types=None) -> None:
         self.attention_mask = padding_mask(attention_mask)

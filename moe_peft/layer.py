@@ -132,6 +132,10 @@ class MoELoraLinear(nn.Module, BaseTunerLayer):
         this layer owns, keep the decision for the block's layers, and return the loss to attach."""
         if self.disable_adapters or self.merged:
             return None
+        if self._routing_ctx.adapter_selection is not None:  # a mixed batch (adapter_names): moe_peft.multi_lora
+            from .multi_lora import moe as mixed
+
+            return mixed.route_block(self, hidden, self._routing_ctx.adapter_selection)
         lead_shape, x = hidden.shape[:-1], hidden.reshape(-1, hidden.shape[-1])  # [..., in] -> [T, in]
         total = None
         for adapter in self.active_adapters:
@@ -177,6 +181,10 @@ class MoELoraLinear(nn.Module, BaseTunerLayer):
         return routing, None
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self._routing_ctx.adapter_selection is not None:  # a mixed batch (adapter_names): moe_peft.multi_lora
+            from .multi_lora import moe as mixed
+
+            return mixed.forward(self, x, self._routing_ctx.adapter_selection, *args, **kwargs)
         adapters = [a for a in self.active_adapters if a in self.experts_A]
         if self.disable_adapters or self.merged or not adapters or x.numel() == 0:
             return self.base_layer(x, *args, **kwargs)

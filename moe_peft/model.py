@@ -16,6 +16,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from .accumulation import label_share
 from .config import MoELoraConfig, SMoRAConfig
 from .context import RoutingContext, attach_router_loss, router_loss_probe
+from .experts import LoRAMoEExperts, MoELoraExperts, MoLEExperts, SMoRAExperts, inject_fused_experts
 from .layer import LoRAMoELinear, MoELoraLinear, MoLELinear, SMoRALinear
 
 _MLP = ["gate_proj", "up_proj", "down_proj"]
@@ -82,10 +83,12 @@ class _GenerateWithRoutingInputs:
 
 
 class MoELoraModel(BaseTuner):
-    """Shared tuner of every token-routed method; each method subclass sets `prefix` and `tuner_layer_cls`."""
+    """Shared tuner of every token-routed method; each method subclass sets `prefix`, `linear_layer_cls` (what a
+    target module becomes) and `tuner_layer_cls`, the (linear, fused-experts) layer pair PEFT finds with isinstance."""
 
     prefix: str = "moe_"
-    tuner_layer_cls = MoELoraLinear
+    linear_layer_cls = MoELoraLinear
+    tuner_layer_cls = (MoELoraLinear, MoELoraExperts)
     target_module_mapping = DEFAULT_TARGET_MODULES
 
     # -- injection -----------------------------------------------------------------------------------
@@ -107,20 +110,30 @@ class MoELoraModel(BaseTuner):
         current_key: str,
         **optional_kwargs: Any,
     ) -> None:
-        if isinstance(target, self.tuner_layer_cls):
+        if isinstance(target, self.linear_layer_cls):
             target.update_layer(adapter_name, config)
             return
         if isinstance(target, BaseTunerLayer):
             raise TypeError(f"{current_key} already holds a {type(target).__name__} from another PEFT method.")
         if not isinstance(target, nn.Linear):
             raise TypeError(
-                f"Target module {current_key} is a {type(target).__name__}; moe_peft adapts nn.Linear modules only. "
-                "Remove it from target_modules (or exclude it with exclude_modules)."
+                f"Target module {current_key} is a {type(target).__name__}; target_modules adapts nn.Linear modules "
+                "only. Remove it from target_modules (or exclude it with exclude_modules); name fused 3-D expert "
+                "weights in target_parameters instead."
             )
-        new_module = self.tuner_layer_cls(target, adapter_name, config, self.routing_ctx)
+        new_module = self.linear_layer_cls(target, adapter_name, config, self.routing_ctx)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # an added adapter is not trainable until set_adapter
         self._replace_module(parent, target_name, new_module, target)
+
+    def _inject_parameters(self, peft_config, model, adapter_name, low_cpu_mem_usage) -> list[str]:
+        return inject_fused_experts(self, peft_config, model, adapter_name)  # one layer per experts module
+
+    def _replace_module(self, parent, child_name, new_module, child) -> None:
+        if isinstance(child, MoELoraExperts):  # unloading: fused experts have no `weight` for PEFT to carry over
+            setattr(parent, child_name, new_module)
+            return
+        super()._replace_module(parent, child_name, new_module, child)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         super().inject_adapter(model, adapter_name, *args, **kwargs)
@@ -365,14 +378,17 @@ def _counts_pending(tuner: MoELoraModel) -> None:
 
 class MoLEModel(MoELoraModel):
     prefix = "mole_"
-    tuner_layer_cls = MoLELinear
+    linear_layer_cls = MoLELinear
+    tuner_layer_cls = (MoLELinear, MoLEExperts)
 
 
 class LoRAMoEModel(MoELoraModel):
     prefix = "loramoe_"
-    tuner_layer_cls = LoRAMoELinear
+    linear_layer_cls = LoRAMoELinear
+    tuner_layer_cls = (LoRAMoELinear, LoRAMoEExperts)
 
 
 class SMoRAModel(MoELoraModel):
     prefix = "smora_"
-    tuner_layer_cls = SMoRALinear
+    linear_layer_cls = SMoRALinear
+    tuner_layer_cls = (SMoRALinear, SMoRAExperts)

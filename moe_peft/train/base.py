@@ -44,6 +44,7 @@ def tiny_base_path(config: TinyBaseConfig, method: str) -> str:
         "hidden": config.hidden_size,
         "layers": config.num_layers,
         "seed": config.seed,
+        "threads": torch.get_num_threads(),  # float sums, and so the trained weights, depend on it
         "format": 1,  # bump when the pretraining recipe changes
     }
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
