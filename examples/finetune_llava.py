@@ -4,7 +4,7 @@ one router per MLP block), plain LoRA on attention, the projector trained in ful
 experts only, text tokens among the text experts.
 
     python examples/finetune_llava.py                        # tiny LLaVA + bundled image tasks, one CPU thread
-    python examples/finetune_llava.py --modality-groups      # 2 text + 2 image experts
+    python examples/finetune_llava.py --modality-groups      # 3 text + 3 image experts (--num-experts per group)
     python examples/finetune_llava.py --arch llava_next      # tiny LLaVA-NeXT (anyres tiles)
     python examples/finetune_llava.py --config configs/mole_llava.yaml
     python examples/finetune_llava.py --model llava-hf/llava-1.5-7b-hf --load-in-4bit --threads 8
@@ -12,10 +12,11 @@ experts only, text tokens among the text experts.
 
 Steps: (1) the base: by default a tiny LLaVA built from a config and trained here in full on the bundled base tasks
 (caption an image, add two numbers; cached in --out), or --model; (2) the adapter: `moe_peft.llava.mole_llava_config`
-(or the `mole:` section of --config); (3) training with transformers.Trainer on the bundled image+text tasks (colour,
-shape, position, count; add, compare), progress bar on; outputs.loss already holds the router loss, weighted for
-gradient accumulation; (4) accuracy per task before and after, the expert load per modality group; (5) save, reload
-in a fresh process (this script with --reload), generate an answer for an image there, compare the logits.
+(or the `adapter:` block of --config); (3) training with moe_peft.MoESFTTrainer (TRL's SFTTrainer plus the router
+loss, weighted for gradient accumulation) on the bundled image+text tasks (colour, shape, position, count; add,
+compare), batched by moe_peft.llava.LlavaCollator, progress bar on; (4) accuracy per task before and after, the
+expert load per modality group; (5) save, reload in a fresh process (this script with --reload), generate an answer
+for an image there, compare the logits.
 
 --load-in-4bit quantizes the language model's linears with bitsandbytes (NF4, QLoRA); the vision tower, the projector
 and the head stay in the load dtype.
@@ -34,16 +35,13 @@ import warnings
 import torch
 import yaml
 from peft import PeftModel, get_peft_model
-from transformers import AutoProcessor, Trainer, TrainingArguments
+from transformers import AutoProcessor
+from trl import SFTConfig
 
 import moe_peft
 from moe_peft.llava import TASKS, LlavaCollator, answers_from, make_image_tasks, modality_load, mole_llava_config
 from moe_peft.llava.pretrain import TINY, accuracy_by_task, pretrain_tiny_llava
-
-# The training loop is transformers.Trainer (outputs.loss already holds the router loss, weighted for gradient
-# accumulation). moe_peft.MoESFTTrainer (TRL's SFTTrainer plus the router losses; not in this branch yet) takes the
-# same arguments: swap this line for `TRAINER, ARGS = moe_peft.MoESFTTrainer, trl.SFTConfig`.
-TRAINER, ARGS = Trainer, TrainingArguments
+from moe_peft.train import MoESFTTrainer
 
 
 def load_base(args, path: str):
@@ -73,7 +71,7 @@ def adapter_config(args, base):
     groups = {"text": args.num_experts, "image": args.num_experts} if args.modality_groups else None
     if args.config:
         with open(args.config) as f:
-            fields = (yaml.safe_load(f) or {}).get("mole", {})
+            fields = (yaml.safe_load(f) or {}).get("adapter", {})
         if groups:
             fields = {**fields, "modality_experts": groups, "num_experts": None}
         return moe_peft.MoLEConfig(**fields)
@@ -88,7 +86,17 @@ def adapter_config(args, base):
 
 
 def training_arguments(args) -> dict:
+    """SFTConfig's fields: the flags, or the YAML's `training:` block (its output_dir aside: --out decides)."""
     values = dict(
+        output_dir=os.path.join(args.out, "trainer"),
+        report_to=[],
+        save_strategy="no",
+        remove_unused_columns=False,  # the collator reads `messages` and `images`
+        dataloader_num_workers=0,
+        disable_tqdm=False,  # the progress bar
+        use_cpu=not torch.cuda.is_available(),
+        bf16=False,  # --dtype sets the weights' dtype; no autocast on top (TRL's default is bf16 autocast)
+        gradient_checkpointing=False,  # --gradient-checkpointing enables it in load_base (TRL's default is on)
         learning_rate=args.lr,
         max_steps=args.steps,
         per_device_train_batch_size=args.batch_size,
@@ -99,7 +107,8 @@ def training_arguments(args) -> dict:
     )
     if args.config:
         with open(args.config) as f:
-            values.update((yaml.safe_load(f) or {}).get("training", {}))
+            given = (yaml.safe_load(f) or {}).get("training", {})
+        values.update({k: v for k, v in given.items() if k not in ("output_dir", "gradient_checkpointing")})
         if args.steps_given is not None:
             values["max_steps"] = args.steps_given
     return values
@@ -109,7 +118,11 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="hub id or local path of a LLaVA / LLaVA-NeXT model")
     parser.add_argument("--arch", default="llava", choices=["llava", "llava_next"], help="the tiny default base")
-    parser.add_argument("--config", default=None, help="a YAML with `mole:` (MoLEConfig) and `training:` sections")
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="a moe-peft train YAML: its adapter: (MoLEConfig) and training: (SFTConfig) blocks",
+    )
     parser.add_argument("--modality-groups", action="store_true", help="text and image expert groups (MoMa)")
     parser.add_argument("--num-experts", type=int, default=3, help="K (per group with --modality-groups)")
     parser.add_argument("--r", type=int, default=32, help="rank of every expert (alpha = 2 r)")
@@ -160,22 +173,21 @@ def main(argv=None) -> dict:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     from datasets import Dataset
 
-    trainer = TRAINER(
+    # TRL's SFTTrainer sees a vision dataset (an `images` column): it leaves the rows as they are and our collator
+    # builds the batches; MoESFTTrainer adds the router loss to TRL's own loss (which ignores outputs.loss)
+    dtypes = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
+    trainer = MoESFTTrainer(
         model=model,
-        args=ARGS(
-            output_dir=os.path.join(args.out, "trainer"),
-            report_to=[],
-            save_strategy="no",
-            remove_unused_columns=False,  # the collator reads `messages` and `images`
-            dataloader_num_workers=0,
-            disable_tqdm=False,  # the progress bar
-            use_cpu=not torch.cuda.is_available(),
-            **training_arguments(args),
-        ),
+        args=SFTConfig(**training_arguments(args)),
         train_dataset=Dataset.from_list(train),
         data_collator=collator,
         processing_class=processor,
     )
+    # TRL casts every trainable parameter of a quantized model to bf16 (QLoRA's recipe); the projector, trained in
+    # full, then meets the vision tower's --dtype features: keep the load dtype (--dtype bfloat16 for bf16 adapters)
+    for name, p in model.named_parameters():
+        if name in dtypes and p.dtype != dtypes[name]:
+            p.data = p.data.to(dtypes[name])
     t_train = time.perf_counter()
     result = trainer.train()
     train_s = time.perf_counter() - t_train

@@ -44,7 +44,7 @@ def tokenizer():
 
 def test_the_yaml_config_is_the_helpers_config():
     raw = yaml.safe_load((CONFIGS / "mole_llava.yaml").read_text())
-    from_yaml = moe_peft.MoLEConfig(**raw["mole"]).to_dict()
+    from_yaml = moe_peft.MoLEConfig(**raw["adapter"]).to_dict()
     helper = mole_llava_config().to_dict()
     assert from_yaml == helper
     assert helper["num_experts"] == 3 and helper["r"] == 32 and helper["lora_alpha"] == 64 and helper["top_k"] == 1
@@ -259,3 +259,46 @@ def test_modality_load_averages_each_groups_load_over_the_layers(tokenizer):
     with torch.no_grad():
         plain(**collator(make_image_tasks(6, seed=0)))
     assert set(modality_load(plain)) == {"all"}
+
+
+def _train_with_moe_sft_trainer(tokenizer, tmp_path, coef: float, groups=None) -> dict[str, torch.Tensor]:
+    """Three steps of MoESFTTrainer (TRL) on a tiny LLaVA with the image+text collator; the router weights after."""
+    from datasets import Dataset
+    from trl import SFTConfig
+
+    from moe_peft.train import MoESFTTrainer
+
+    processor = build_processor("llava", image_size=16, tokenizer=tokenizer)
+    base = tiny("llava", tokenizer)
+    config = mole_llava_config(
+        base, r=4, lora_alpha=8, router_aux_loss_coef=coef, router_z_loss_coef=coef, modality_experts=groups
+    )
+    args = SFTConfig(
+        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2, report_to=[],
+        save_strategy="no", bf16=False, gradient_checkpointing=False, disable_tqdm=True, seed=0,
+        remove_unused_columns=False, lr_scheduler_type="constant", logging_steps=1,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    trainer = MoESFTTrainer(
+        model=get_peft_model(base, config),
+        args=args,
+        train_dataset=Dataset.from_list(make_image_tasks(12, seed=3)),
+        data_collator=LlavaCollator(processor),
+        processing_class=processor,
+    )
+    trainer.train()
+    logged = [log for log in trainer.state.log_history if "router_loss" in log]
+    assert len(logged) == 3 and all((log["router_loss"] > 0) == (coef > 0) for log in logged)  # the callback's log
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "router" in n}
+
+
+@pytest.mark.parametrize("groups", [None, {"text": 2, "image": 2}], ids=["mole", "modality_groups"])
+def test_moe_sft_trainer_adds_the_router_loss_on_llava(tokenizer, tmp_path, groups):
+    # TRL computes its loss from fused log-probs and ignores outputs.loss: the routers move with the coefficient
+    # only if MoESFTTrainer adds the router loss of the LLaVA forward
+    off = _train_with_moe_sft_trainer(tokenizer, tmp_path, 0.0, groups)
+    again = _train_with_moe_sft_trainer(tokenizer, tmp_path, 0.0, groups)
+    on = _train_with_moe_sft_trainer(tokenizer, tmp_path, 1.0, groups)
+    assert off and off.keys() == again.keys() == on.keys()
+    assert all(torch.equal(off[n], again[n]) for n in off)  # deterministic, so a difference below is the loss
+    assert not all(torch.equal(off[n], on[n]) for n in off)
