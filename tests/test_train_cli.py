@@ -216,9 +216,9 @@ def test_cli_reports_config_and_data_errors_without_a_traceback(tmp_path, capsys
     assert f"{bad}, row 2: field 'response' is missing" in capsys.readouterr().err
 
 
-def test_llava_config_with_modality_groups_on_a_users_jsonl_file(tmp_path):
+def test_llava_config_with_modality_groups_and_llava_next_on_a_users_jsonl_file(tmp_path):
     """configs/mole_llava.yaml on the user's rows (messages with image placeholders, image paths relative to the
-    file) with modality groups set from the command line."""
+    file) with modality groups and the tiny LLaVA-NeXT set from the command line."""
     from moe_peft.llava import make_image_tasks
 
     rows = []
@@ -232,6 +232,7 @@ def test_llava_config_with_modality_groups_on_a_users_jsonl_file(tmp_path):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     path = ROOT / "configs" / "mole_llava.yaml"
     groups = ["adapter.modality_experts={text: 2, image: 2}", "adapter.num_experts=null", f"data.train={data}"]
+    groups.append("tiny.arch=llava_next")
     run = train_from_config(load_config(str(path), [*_quick(path, tmp_path / "run"), *groups]))
     adapter = pathlib.Path(run.paths["adapter"])
     assert json.loads((adapter / "tasks.json").read_text()) == ["image", "text"]
@@ -240,7 +241,11 @@ def test_llava_config_with_modality_groups_on_a_users_jsonl_file(tmp_path):
     for group in ("text", "image"):  # each group's load is over its own two experts
         load = llava["modality_load"][group]
         assert len(load["load"]) == 2 and abs(sum(load["load"]) - 1) < 1e-5 and load["tokens"] > 0
-    assert _reload(adapter).peft_config["default"].modality_experts == {"text": 2, "image": 2}
+    model = _reload(adapter)
+    assert model.peft_config["default"].modality_experts == {"text": 2, "image": 2}
+    assert model.get_base_model().config.model_type == "llava_next"
+    with pytest.raises(ConfigError, match="tiny.hidden_size / tiny.num_layers / tiny.pretrain_alphabet are fixed"):
+        load_config(str(path), ["tiny.hidden_size=32"])
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}], "images": []}) + "\n")
     with pytest.raises(DataError, match="row 1: `messages` must be a list of chat turns ending with the assistant"):

@@ -115,10 +115,10 @@ class TinyBaseConfig:
     def __post_init__(self):
         if self.arch not in (None, *TINY_ARCHS):
             raise ConfigError(f"tiny.arch={self.arch!r} is invalid: use {', '.join(TINY_ARCHS)} or null.")
-        if self.arch in LLAVA_ARCHS and (self.hidden_size, self.num_layers) != (64, 2):
+        if self.arch in LLAVA_ARCHS and (self.hidden_size, self.num_layers, self.pretrain_alphabet) != (64, 2, None):
             raise ConfigError(
-                f"tiny.hidden_size / tiny.num_layers are fixed for tiny.arch={self.arch!r} (64 and 2, "
-                "moe_peft.llava.pretrain.TINY): remove them."
+                f"tiny.hidden_size / tiny.num_layers / tiny.pretrain_alphabet are fixed for tiny.arch={self.arch!r} "
+                "(64, 2 and the image tasks' words: moe_peft.llava.pretrain.TINY): remove them."
             )
         if not isinstance(self.pretrain_steps, int) or self.pretrain_steps < 0:
             raise ConfigError(f"tiny.pretrain_steps={self.pretrain_steps!r} is invalid: use an integer >= 0.")
