@@ -28,8 +28,15 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     bench.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     bench.add_argument("--reps", type=int, default=None)
+    from .export.cli import add_parser as add_merge_parser
+
+    add_merge_parser(sub)
     args = parser.parse_args(argv)
 
+    if args.command == "merge":
+        from .export.cli import run as run_merge
+
+        return run_merge(args)
     if args.command == "demo":
         from .demo import run_demo
 

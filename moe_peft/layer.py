@@ -224,10 +224,12 @@ class MoELoraLinear(nn.Module, BaseTunerLayer):
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         config = self.configs[adapter]
         if not is_mergeable(config):
+            from .export import merge_hint
+
             raise ValueError(
                 f"Adapter '{adapter}' routes every token to its own experts (num_experts={config.num_experts}), so "
-                "it is not one fixed weight and cannot be merged into the base layer. Keep it unmerged for "
-                "inference; only a single-expert adapter (num_experts=1, no null experts) merges exactly."
+                "it is not one fixed weight and cannot be merged into the base layer; nothing was changed. "
+                f"{merge_hint(config)} Only a single-expert adapter (num_experts=1, no null experts) merges exactly."
             )
         a, b = self.experts_A[adapter], self.experts_B[adapter]
         return (b[0] @ a[0]) * self.scalings[adapter]  # [out, r] @ [r, in] -> [out, in]

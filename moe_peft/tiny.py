@@ -33,6 +33,42 @@ def tiny_llama(
     return LlamaForCausalLM(config).eval()
 
 
+def tiny_dense(
+    arch: str = "llama",
+    vocab_size: int = 64,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    intermediate_size: int = 48,
+    seed: int = 0,
+):
+    """A randomly initialized dense decoder: "llama", "mistral", "qwen2" (q/k/v biases) or "qwen3" (q/k norms)."""
+    import transformers
+
+    names = {
+        "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+        "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=None)),
+        "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+        "qwen3": (
+            "Qwen3Config",
+            "Qwen3ForCausalLM",
+            dict(head_dim=hidden_size // _DECODER_DEFAULTS["num_attention_heads"]),
+        ),
+    }
+    if arch not in names:
+        raise ValueError(f"arch={arch!r} is invalid: use one of {sorted(names)}.")
+    config_name, model_name, extra = names[arch]
+    config = getattr(transformers, config_name)(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        **_DECODER_DEFAULTS,
+        **extra,
+    )
+    torch.manual_seed(seed)
+    return getattr(transformers, model_name)(config).eval()
+
+
 def tiny_llava(vocab_size: int = 64, hidden_size: int = 32, seed: int = 0):
     """A LLaVA (CLIP vision tower + Llama language model) with 8x8 images of 4x4 patches."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
