@@ -101,6 +101,20 @@ def test_mhr_task_equals_merge_task_and_phatgoose_baselines_equal_set_routing(li
         export(lib, tmp_path / "pg-top-k")
 
 
+def test_roma_routers_equal_roma_merge_and_unload(tmp_path):
+    model = get_peft_model(tiny_moe("qwen3_moe"), moe_peft.RoMAConfig(num_last_layers=2))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    model.eval()
+    reference = copy.deepcopy(model)
+    result = export(model, tmp_path / "roma", calibration=[{"input_ids": list(range(4, 20))}] * 4)
+    same_state(result.model, reference.merge_and_unload())
+    with pytest.raises(ValueError, match="nothing here is a LoRA.*merge=True"):
+        export(model, tmp_path / "lora", merge=False, calibration=[{"input_ids": list(range(4, 20))}] * 4)
+
+
 def test_routed_adapters_are_refused_by_merge_naming_the_strategies_that_apply(base, tmp_path):
     model = get_peft_model(base, make_config("mole_block"))  # top-1 block routing on the MLP, router_bias=True
     with pytest.raises(ValueError, match="strategy='merge'.*not one fixed weight.*native_moe.*'svd'"):
@@ -281,7 +295,7 @@ def test_cli_merge_writes_the_export_and_reports_errors(saved_base, tmp_path, ca
     printed = capsys.readouterr().out
     assert "mean KL(routed || export)" in printed and "exact match routed -> export" in printed
     lora = json.loads((tmp_path / "svd" / "adapter_config.json").read_text())
-    assert lora["r"] == 3 and lora["peft_type"] == "LORA"
+    assert lora["r"] == 3 and lora["peft_type"] == "LORA" and lora["base_model_name_or_path"] == str(saved_base)
     assert main(argv + ["--strategy", "average", "--merge", "--out", str(tmp_path / "avg")]) == 0
     assert os.path.exists(tmp_path / "avg" / "model.safetensors")
     assert main(argv + ["--strategy", "merge", "--out", str(tmp_path / "m")]) == 2  # routed: refused, named

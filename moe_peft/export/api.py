@@ -142,6 +142,7 @@ def export(
     measure_error: bool = True,
     overwrite: bool = False,
     source: Optional[str] = None,
+    base_model_name_or_path: Optional[str] = None,
     verbose: bool = True,
 ) -> ExportResult:
     """Export an adapted model for deployment; see README "Deploy" for which strategy fits which method.
@@ -165,6 +166,8 @@ def export(
         measure_error: exact strategies may skip the measurement; approximate ones always measure.
         overwrite: replace an existing `out` (only once the new one is complete).
         source: where the adapter came from, for the record (the CLI passes the adapter path).
+        base_model_name_or_path: the base a LoRA export names in its adapter_config.json (default: the source
+            adapter's), so that AutoPeftModelForCausalLM finds it.
     """
     from .. import __version__
 
@@ -185,7 +188,7 @@ def export(
     merged = (strategy == "merge") if merge is None else bool(merge)
     root = model.get_base_model() if isinstance(model, PeftModel) else model
     check_not_quantized(root)
-    peft_config = model.peft_config[model.active_adapter] if isinstance(model, PeftModel) else None
+    peft_config = model.peft_config[model.active_adapters[0]] if isinstance(model, PeftModel) else None
     options = Options(task_id, phatgoose_routing, expert, mhr_average=strategy == "average")
     if strategy in ("routing_weighted", "svd") and task_id is None and _task_routed(root):
         raise ValueError(
@@ -229,7 +232,7 @@ def export(
             )
             base_plain = new_plain_model(root, plain_tensors(root, trained=False))
             task_type = getattr(peft_config, "task_type", None)
-            base_path = getattr(peft_config, "base_model_name_or_path", None)
+            base_path = base_model_name_or_path or getattr(peft_config, "base_model_name_or_path", None)
             exported = build_lora_model(base_plain, parts, linear_factors(parts, factors), task_type, base_path)
             output = "peft_lora"
         error = measure(model, exported, calib, tokenizer, extra) if measure_error else None
@@ -249,7 +252,7 @@ def export(
         "source": {
             "adapter": source,
             "peft_type": str(getattr(getattr(peft_config, "peft_type", None), "value", None)),
-            "base_model_name_or_path": getattr(peft_config, "base_model_name_or_path", None),
+            "base_model_name_or_path": base_model_name_or_path or getattr(peft_config, "base_model_name_or_path", None),
             "base_model_type": root.config.model_type,
         },
         "parts": {

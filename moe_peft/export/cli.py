@@ -101,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
             calibration_rows=args.calibration_rows,
             overwrite=args.overwrite,
             source=os.path.abspath(args.adapter),
+            base_model_name_or_path=base,
         )
     except (ValueError, FileExistsError) as err:
         print(f"moe-peft merge: error: {err}", file=sys.stderr)
