@@ -31,8 +31,8 @@ import torch
 from peft import get_peft_model
 
 import moe_peft
-from moe_peft.data import DEFAULT_TASKS, CharTokenizer, Collator, make_dataset
-from moe_peft.tiny import tiny_llama
+from moe_peft.data import CharTokenizer
+from moe_peft.tiny import tiny_llama, train_on_tasks
 
 FRESH = textwrap.dedent(
     """
@@ -47,31 +47,6 @@ FRESH = textwrap.dedent(
     torch.save({"logits": logits, "tokens": tokens, "class": type(model).__name__}, sys.argv[3])
     """
 )
-
-
-def train(model, tokenizer, steps: int, batch_size: int, lr: float, seed: int) -> list[float]:
-    data = make_dataset(steps * batch_size, tasks=DEFAULT_TASKS, seed=seed, tokenizer=tokenizer)
-    loader = torch.utils.data.DataLoader(
-        data.remove_columns(["task", "prompt", "completion", "sample_type"]),
-        batch_size=batch_size,
-        shuffle=True,
-        collate_fn=Collator(tokenizer),
-        generator=torch.Generator().manual_seed(seed),
-    )
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
-    model.train()
-    losses = []
-    for step, batch in enumerate(loader):
-        if step == steps:
-            break
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses
 
 
 def fresh_check(path: str, out_dir: str, tokenizer) -> dict:
@@ -128,7 +103,9 @@ def main(argv=None) -> dict:
     )
     model.add_adapter("attention", attention)  # one expert: a plain LoRA, merged exactly by every strategy
     model.base_model.set_adapter(["default", "attention"])  # both active and trainable
-    losses = train(model, tokenizer, args.steps, args.batch_size, args.lr, args.seed)
+    losses = train_on_tasks(
+        model, tokenizer, args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr, shuffle_seed=args.seed
+    )
     model.eval()
     print(
         f"trained MoLE on the MLP blocks and a LoRA on attention: loss {sum(losses[:10]) / 10:.3f} -> {sum(losses[-10:]) / 10:.3f}"

@@ -50,6 +50,11 @@ def export(model, out, strategy="merge", **kw):
     return moe_peft.export(model, strategy, out, **kw)
 
 
+def lora_delta(peft_lora, name):
+    layer = peft_lora.base_model.model.get_submodule(name)
+    return (layer.lora_B["default"].weight @ layer.lora_A["default"].weight) * layer.scaling["default"]
+
+
 def same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
@@ -75,7 +80,7 @@ def test_one_expert_mixture_with_modules_to_save_equals_merge_and_unload(saved_b
     assert result.record["measured_error"]["max_abs_logit_diff"] < 1e-4
 
 
-def test_mhr_task_equals_merge_task_and_phatgoose_baselines_equal_set_routing(library, tmp_path):  # noqa: F811
+def test_mhr_task_equals_merge_task(tmp_path):
     base = tiny_llama(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_layers=2)
     model = get_peft_model(base, mhr_config("mhr", task_type="CAUSAL_LM"))
     randomize_mhr(model)
@@ -85,16 +90,27 @@ def test_mhr_task_equals_merge_task_and_phatgoose_baselines_equal_set_routing(li
     same_state(result.model, moe_peft.mhr.merge_task(reference, 2))
     assert "MHR 'default' task 2" in result.record["parts"]["exact"]
     assert result.record["measured_error"]["max_abs_logit_diff"] < 1e-4  # measured against task_ids=2
-    other = export(model, tmp_path / "mhr1", task_id=1).model
+    lora = export(
+        model, tmp_path / "mhr-lora", task_id=2, merge=False, measure_error=False
+    ).model  # as export_task_lora
+    for name, (a, b) in moe_peft.mhr.task_lora_weights(model, 2).items():
+        torch.testing.assert_close(lora_delta(lora, name), (b @ a) * model.peft_config["default"].scaling)
+    other = export(model, tmp_path / "mhr1", task_id=1, measure_error=False).model
     assert not torch.equal(other.model.layers[0].mlp.up_proj.weight, result.model.model.layers[0].mlp.up_proj.weight)
     with pytest.raises(ValueError, match="routes per task"):
         export(model, tmp_path / "none")
 
+
+def test_phatgoose_baselines_equal_set_routing_and_merge_and_unload(library, tmp_path):  # noqa: F811
     lib = moe_peft.phatgoose.assemble(small_base(), library, top_k=2).eval()
     for routing, expert in (("uniform", None), ("single", "e1")):
         reference = copy.deepcopy(lib)
         moe_peft.phatgoose.set_routing(reference, routing, expert=expert)
-        out = export(lib, tmp_path / f"pg-{routing}", phatgoose_routing=routing, expert=expert)
+        kw = dict(phatgoose_routing=routing, expert=expert, measure_error=False)
+        out = export(lib, tmp_path / f"pg-{routing}", **kw)
+        lora = export(lib, tmp_path / f"pg-{routing}-lora", merge=False, **kw)
+        for name, layer in reference.base_model.layers():  # the LoRA factors against the layer's own delta
+            torch.testing.assert_close(lora_delta(lora.model, name), layer.get_delta_weight("default"))
         same_state(out.model, reference.merge_and_unload())
     assert lib.peft_config["default"].routing == "top_k"  # the library's own routing is left as it was
     with pytest.raises(ValueError, match="not one fixed weight.*'routing_weighted' or 'svd'"):
@@ -275,6 +291,10 @@ def test_bad_options_name_the_field(base, tmp_path):
         (dict(strategy="native_moe", merge=False), "merge=False is invalid"),
         (dict(strategy="svd", measure_error=False), "measure_error=False is invalid"),
         (dict(strategy="svd", ridge=0.0), "ridge=0.0 is invalid"),
+        (dict(strategy="merge", task_id=-1), "task_id=-1 is invalid"),
+        (dict(strategy="merge", phatgoose_routing="top_k"), "phatgoose_routing='top_k' is invalid"),
+        (dict(strategy="merge", phatgoose_routing="single"), "expert=None is invalid"),
+        (dict(strategy="merge", expert="e0"), "expert='e0' is invalid"),
     ]:
         with pytest.raises(ValueError, match=match):
             export(model, tmp_path / "x", **kwargs)
@@ -283,7 +303,14 @@ def test_bad_options_name_the_field(base, tmp_path):
 
 
 # -- the command --------------------------------------------------------------------------------------------------------
-def test_cli_merge_writes_the_export_and_reports_errors(saved_base, tmp_path, capsys):
+@pytest.fixture
+def keep_threads():
+    threads = torch.get_num_threads()  # `--threads 1` sets it for the whole process; later tests compare bit for bit
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_cli_merge_writes_the_export_and_reports_errors(saved_base, tmp_path, capsys, keep_threads):
     from moe_peft.cli import main
 
     TOK.save_pretrained(str(saved_base))
@@ -292,12 +319,25 @@ def test_cli_merge_writes_the_export_and_reports_errors(saved_base, tmp_path, ca
     model.save_pretrained(tmp_path / "adapter")
     argv = ["merge", str(tmp_path / "adapter"), "--base", str(saved_base), "--calibration-rows", "16", "--threads", "1"]
     assert main(argv + ["--strategy", "svd", "--rank", "3", "--out", str(tmp_path / "svd")]) == 0
+    assert torch.get_num_threads() == 1
     printed = capsys.readouterr().out
     assert "mean KL(routed || export)" in printed and "exact match routed -> export" in printed
     lora = json.loads((tmp_path / "svd" / "adapter_config.json").read_text())
     assert lora["r"] == 3 and lora["peft_type"] == "LORA" and lora["base_model_name_or_path"] == str(saved_base)
-    assert main(argv + ["--strategy", "average", "--merge", "--out", str(tmp_path / "avg")]) == 0
-    assert os.path.exists(tmp_path / "avg" / "model.safetensors")
+    assert main(argv + ["--strategy", "average", "--merge", "--dtype", "bfloat16", "--out", str(tmp_path / "avg")]) == 0
+    assert json.loads((tmp_path / "avg" / "config.json").read_text())["dtype"] == "bfloat16"  # merged in bf16
+    calibration = tmp_path / "rows.jsonl"
+    calibration.write_text("\n".join(json.dumps({"input_ids": list(range(4, 12 + i))}) for i in range(8)))
+    assert (
+        main(
+            argv + ["--strategy", "routing_weighted", "--calibration", str(calibration), "--out", str(tmp_path / "rw")]
+        )
+        == 0
+    )
+    assert json.loads((tmp_path / "rw" / "moe_peft_export.json").read_text())["calibration"]["source"] == str(
+        calibration
+    )
+    assert main(argv + ["--strategy", "merge", "--uniform", "--expert", "e0", "--out", str(tmp_path / "pg")]) == 2
     assert main(argv + ["--strategy", "merge", "--out", str(tmp_path / "m")]) == 2  # routed: refused, named
     assert "not one fixed weight" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()

@@ -93,7 +93,13 @@ def default_rank(part: RoutedLinear) -> int:
 
 
 def _approximate(
-    strategy: str, routed: list[RoutedLinear], model: nn.Module, calibration: Optional[Calibration], rank, ridge
+    strategy: str,
+    routed: list[RoutedLinear],
+    model: nn.Module,
+    calibration: Optional[Calibration],
+    rank,
+    ridge,
+    extra=None,
 ) -> tuple[dict, dict]:
     """{module: [(A, B)]} replacing the routed layers, and a per-strategy note for the record."""
     stats = None
@@ -103,7 +109,8 @@ def _approximate(
             for batch in batches(calibration.fit, calibration.pad_id):
                 collector.mask = batch["attention_mask"]
                 device = next(model.parameters()).device
-                model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+                kw = extra(batch["input_ids"].shape[0]) if extra is not None else {}
+                model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), **kw)
         stats = collector.stats
     factors: dict[str, list] = {}
     residuals = []
@@ -123,6 +130,65 @@ def _approximate(
         note["svd_relative_residual_mean"] = sum(residuals) / len(residuals)
         note["ridge"] = ridge
     return factors, note
+
+
+def _check_options(strategy, rank, merge, measure_error, ridge, task_id, phatgoose_routing, expert) -> None:
+    if strategy not in STRATEGIES:
+        raise _bad("strategy", strategy, f"use one of {STRATEGIES}.")
+    if rank is not None and (not isinstance(rank, int) or rank < 1):
+        raise _bad("rank", rank, "use a positive integer, or None for the strategy's default.")
+    if strategy in EXACT and rank is not None:
+        raise _bad(
+            "rank", rank, f"strategy={strategy!r} is exact; rank applies to 'average', 'routing_weighted', 'svd'."
+        )
+    if strategy == "native_moe" and merge is False:
+        raise _bad("merge", merge, "native_moe writes a full sparse-MoE checkpoint; a LoRA adapter cannot hold it.")
+    if strategy not in EXACT and not measure_error:
+        raise _bad("measure_error", measure_error, "approximate strategies always measure and record their error.")
+    if not ridge > 0:
+        raise _bad("ridge", ridge, "use a small positive value, e.g. 1e-4.")
+    if task_id is not None and (not isinstance(task_id, int) or task_id < 0):
+        raise _bad("task_id", task_id, "use a task index >= 0.")
+    if phatgoose_routing not in (None, "uniform", "single"):
+        raise _bad("phatgoose_routing", phatgoose_routing, "use 'uniform' or 'single' (with expert=NAME), or None.")
+    if (expert is not None) != (phatgoose_routing == "single"):
+        raise _bad("expert", expert, "name an expert exactly when phatgoose_routing='single'.")
+
+
+def _record(strategy, output, parts, peft_config, root, source, base_path, exported, calib, error) -> dict:
+    """moe_peft_export.json (without options and size, which the caller adds)."""
+    from .. import __version__
+
+    exact_sources = {p.source for p in parts.fixed if getattr(p, "exact", True)}
+    approximated = {p.source for p in parts.fixed if not getattr(p, "exact", True)}
+    # native_moe turns the routed layers into experts exactly; the other strategies approximate them
+    (exact_sources if strategy == "native_moe" else approximated).update(p.source for p in parts.routed)
+    record = {
+        "format": "moe-peft export",
+        "moe_peft_version": __version__,
+        "strategy": strategy,
+        "exact": not approximated,
+        "output": output,
+        "source": {
+            "adapter": source,
+            "peft_type": str(getattr(getattr(peft_config, "peft_type", None), "value", None)),
+            "base_model_name_or_path": base_path,
+            "base_model_type": root.config.model_type,
+        },
+        "parts": {
+            "exact": sorted(exact_sources),
+            "approximated": sorted(approximated),
+            "routed_modules": len({p.name for p in parts.routed}),
+            "modules_to_save": sorted(parts.saved),
+        },
+        "calibration": calib.describe() if calib is not None else None,
+        "measured_error": error,
+    }
+    if output == "native_moe":
+        config = exported.config
+        experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+        record["target"] = {"model_type": config.model_type, "num_experts": experts}
+    return record
 
 
 def export(
@@ -169,22 +235,9 @@ def export(
         base_model_name_or_path: the base a LoRA export names in its adapter_config.json (default: the source
             adapter's), so that AutoPeftModelForCausalLM finds it.
     """
-    from .. import __version__
-
-    if strategy not in STRATEGIES:
-        raise _bad("strategy", strategy, f"use one of {STRATEGIES}.")
-    if rank is not None and (not isinstance(rank, int) or rank < 1):
-        raise _bad("rank", rank, "use a positive integer, or None for the strategy's default.")
-    if strategy in EXACT and rank is not None:
-        raise _bad(
-            "rank", rank, f"strategy={strategy!r} is exact; rank applies to 'average', 'routing_weighted', 'svd'."
-        )
-    if strategy == "native_moe" and merge is False:
-        raise _bad("merge", merge, "native_moe writes a full sparse-MoE checkpoint; a LoRA adapter cannot hold it.")
-    if strategy not in EXACT and not measure_error:
-        raise _bad("measure_error", measure_error, "approximate strategies always measure and record their error.")
-    if not ridge > 0:
-        raise _bad("ridge", ridge, "use a small positive value, e.g. 1e-4.")
+    _check_options(strategy, rank, merge, measure_error, ridge, task_id, phatgoose_routing, expert)
+    if os.path.exists(out) and not overwrite:  # before any work; atomic_directory checks again when it writes
+        raise FileExistsError(f"{os.path.abspath(out)} exists; choose another output directory or pass overwrite=True.")
     merged = (strategy == "merge") if merge is None else bool(merge)
     root = model.get_base_model() if isinstance(model, PeftModel) else model
     check_not_quantized(root)
@@ -211,6 +264,7 @@ def export(
     needs_data = measure_error or strategy in ("routing_weighted", "svd")
     pad_id = getattr(root.config, "pad_token_id", None)
     calib = load_calibration(calibration, tokenizer, calibration_rows, pad_id) if needs_data else None
+    base_path = base_model_name_or_path or getattr(peft_config, "base_model_name_or_path", None)
 
     was_training = model.training
     model.eval()
@@ -220,58 +274,26 @@ def export(
             dense = new_plain_model(root, plain)
             merge_fixed(dense, parts)
             exported, output = (build_native(dense, blocks) if blocks else dense), "native_moe"
-        elif merged:
-            exported, output = new_plain_model(root, plain), "merged"
-            merge_fixed(exported, parts)
-            if parts.routed:
-                factors, note = _approximate(strategy, parts.routed, model, calib, rank, ridge)
-                merge_factors(exported, factors)
         else:
-            factors, note = (
-                ({}, {}) if not parts.routed else _approximate(strategy, parts.routed, model, calib, rank, ridge)
-            )
-            base_plain = new_plain_model(root, plain_tensors(root, trained=False))
-            task_type = getattr(peft_config, "task_type", None)
-            base_path = base_model_name_or_path or getattr(peft_config, "base_model_name_or_path", None)
-            exported = build_lora_model(base_plain, parts, linear_factors(parts, factors), task_type, base_path)
-            output = "peft_lora"
+            factors, note = ({}, {})
+            if parts.routed:
+                factors, note = _approximate(strategy, parts.routed, model, calib, rank, ridge, extra)
+            if merged:
+                exported, output = new_plain_model(root, plain), "merged"
+                merge_fixed(exported, parts)
+                merge_factors(exported, factors)
+            else:
+                base_plain = new_plain_model(root, plain_tensors(root, trained=False))
+                task_type = getattr(peft_config, "task_type", None)
+                exported = build_lora_model(base_plain, parts, linear_factors(parts, factors), task_type, base_path)
+                output = "peft_lora"
         error = measure(model, exported, calib, tokenizer, extra) if measure_error else None
     finally:
         model.train(was_training)
 
-    exact_sources = {p.source for p in parts.fixed if getattr(p, "exact", True)}
-    approximated = {p.source for p in parts.fixed if not getattr(p, "exact", True)}
-    # native_moe turns the routed layers into experts exactly; the other strategies approximate them
-    (exact_sources if strategy == "native_moe" else approximated).update(p.source for p in parts.routed)
-    record = {
-        "format": "moe-peft export",
-        "moe_peft_version": __version__,
-        "strategy": strategy,
-        "exact": not approximated,
-        "output": output,
-        "source": {
-            "adapter": source,
-            "peft_type": str(getattr(getattr(peft_config, "peft_type", None), "value", None)),
-            "base_model_name_or_path": base_model_name_or_path or getattr(peft_config, "base_model_name_or_path", None),
-            "base_model_type": root.config.model_type,
-        },
-        "parts": {
-            "exact": sorted(exact_sources),
-            "approximated": sorted(approximated),
-            "routed_modules": len({p.name for p in parts.routed}),
-            "modules_to_save": sorted(parts.saved),
-        },
-        "options": {"rank": rank, "task_id": task_id, "phatgoose_routing": phatgoose_routing, "expert": expert, **note},
-        "calibration": calib.describe() if calib is not None else None,
-        "measured_error": error,
-    }
-    if output == "native_moe":
-        record["target"] = {
-            "model_type": exported.config.model_type,
-            "num_experts": int(
-                getattr(exported.config, "num_local_experts", getattr(exported.config, "num_experts", 0))
-            ),
-        }
+    record = _record(strategy, output, parts, peft_config, root, source, base_path, exported, calib, error)
+    record["options"] = {"rank": rank, "task_id": task_id, "phatgoose_routing": phatgoose_routing, "expert": expert}
+    record["options"].update(note)
     with atomic_directory(out, overwrite=overwrite) as tmp:
         exported.save_pretrained(tmp)
         if output != "peft_lora" and tokenizer is not None and hasattr(tokenizer, "save_pretrained"):

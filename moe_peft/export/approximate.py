@@ -142,7 +142,7 @@ def svd_fit(stats: LayerStats, rank: int, ridge: float) -> tuple[torch.Tensor, t
     sxx, cdx = stats.sxx, stats.cdx
     d_in = sxx.shape[0]
     lam = ridge * float(torch.trace(sxx)) / d_in
-    s_reg = sxx + lam * torch.eye(d_in, dtype=sxx.dtype)  # [in, in]
+    s_reg = sxx + lam * torch.eye(d_in, dtype=sxx.dtype, device=sxx.device)  # [in, in]
     chol = torch.linalg.cholesky(s_reg)  # S = L L^T
     full = torch.linalg.solve(s_reg, cdx.T).T  # M0 = C S^-1: [out, in]
     u, _, _ = torch.linalg.svd(full @ chol, full_matrices=False)  # M0 S^{1/2} ~ M0 L (same left singular vectors)

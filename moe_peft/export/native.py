@@ -140,7 +140,8 @@ def routed_blocks(parts: Parts) -> list[Block]:
             if projection not in _PROJECTIONS:
                 raise NativeMoEError(f"native_moe: {p.name} is not one of the MLP projections {_PROJECTIONS}; {_FIX}.")
             # s B_e A_e per expert: [E, out, r] @ [E, r, in] -> [E, out, in]
-            deltas[projection] = torch.bmm(p.lora_B.float(), p.lora_A.float()) * p.scale.float()[:, None, None].cpu()
+            scale = p.scale.float().to(p.lora_B.device)[:, None, None]  # [E, 1, 1]
+            deltas[projection] = torch.bmm(p.lora_B.float(), p.lora_A.float()) * scale
         index = int(name.split(".")[-2])
         blocks.append(Block(index, name, weight, router.num_experts, deltas))
     return sorted(blocks, key=lambda b: b.index)
@@ -237,22 +238,23 @@ def build_native(plain: nn.Module, blocks: list[Block]) -> nn.Module:
         block = routed.get(i)
         if block is None and not is_mixtral:
             continue  # a dense layer of the MoE model: its MLP keeps the base names and weights
+        device, dtype = w["gate_proj"].device, w["gate_proj"].dtype
         experts = {p: w[p].float().expand(num_experts, *w[p].shape).clone() for p in _PROJECTIONS}  # [E', out, in]
-        router = torch.zeros(num_experts, config.hidden_size)  # no routed MLP: all experts equal, any pick is exact
+        router = torch.zeros(num_experts, config.hidden_size, device=device)  # no routed MLP: any pick is exact
         if block is not None:
             for p, delta in block.deltas.items():
-                experts[p][: block.num_real] += delta  # experts beyond num_real: the null experts' base MLP
-            router = block.router_weight.float().cpu()
-        dtype = w["gate_proj"].dtype
+                experts[p][: block.num_real] += delta.to(device)  # beyond num_real: the null experts' base MLP
+            router = block.router_weight.float().to(device)
         values[f"{prefix}.gate.weight"] = router.to(dtype)
         values[f"{prefix}.experts.gate_up_proj"] = torch.cat([experts["gate_proj"], experts["up_proj"]], 1).to(dtype)
         values[f"{prefix}.experts.down_proj"] = experts["down_proj"].to(dtype)  # [E', d, ff]
         if target_config.model_type == "qwen2_moe":
             hidden = config.hidden_size
-            values[f"{prefix}.shared_expert.gate_proj.weight"] = torch.zeros(1, hidden, dtype=dtype)
-            values[f"{prefix}.shared_expert.up_proj.weight"] = torch.zeros(1, hidden, dtype=dtype)
-            values[f"{prefix}.shared_expert.down_proj.weight"] = torch.zeros(hidden, 1, dtype=dtype)
-            values[f"{prefix}.shared_expert_gate.weight"] = torch.zeros(1, hidden, dtype=dtype)
+            zeros = {"dtype": dtype, "device": device}
+            values[f"{prefix}.shared_expert.gate_proj.weight"] = torch.zeros(1, hidden, **zeros)
+            values[f"{prefix}.shared_expert.up_proj.weight"] = torch.zeros(1, hidden, **zeros)
+            values[f"{prefix}.shared_expert.down_proj.weight"] = torch.zeros(hidden, 1, **zeros)
+            values[f"{prefix}.shared_expert_gate.weight"] = torch.zeros(1, hidden, **zeros)
     buffers = dict(plain.named_buffers())
     shared: dict[int, nn.Parameter] = {}
     used: set[str] = set()
