@@ -7,8 +7,9 @@
 Importing this package registers the methods with PEFT (once; see _registration.py).
 """
 
-from . import experts, mhr, multi_lora, phatgoose
+from . import experts, mhr, multi_lora, phatgoose, stats
 from ._registration import forward_task_ids, register_methods
+from .accumulation import accumulation_weight
 from .config import LoRAMoEConfig, MoELoraConfig, MoLEConfig, SMoRAConfig
 from .experts import import_lora_adapter
 from .export import STRATEGIES as EXPORT_STRATEGIES
@@ -41,7 +42,20 @@ register_methods(
 )
 forward_task_ids({"MHR", "PHATGOOSE"})  # PEFT's task-specific models pass task_ids on only for its own Poly otherwise
 
+
+def __getattr__(name: str):
+    # the trainer imports TRL (slow to import): load it on first use only
+    if name in ("MoESFTTrainer", "RoutingStatsCallback"):
+        from . import train
+
+        return getattr(train, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
+    "MoESFTTrainer",
+    "RoutingStatsCallback",
+    "stats",
     "MoELoraConfig",
     "MoLEConfig",
     "LoRAMoEConfig",
@@ -68,6 +82,7 @@ __all__ = [
     "RoMAModel",
     "apply_lora_experts",
     "router_loss",
+    "accumulation_weight",
     "routing_stats",
     "update_router_biases",
 ]

@@ -14,6 +14,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# One thread: tiny models gain nothing from more, and on a shared machine extra threads fight other processes
+# for the cores (the suite took 482 s instead of 73 s with torch's default). MOE_PEFT_THREADS raises it; the
+# environment variable also reaches the fresh processes some tests start.
+THREADS = int(os.environ.setdefault("MOE_PEFT_THREADS", "1"))
+os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+torch.set_num_threads(THREADS)
+
 import moe_peft  # noqa: E402
 from moe_peft.tiny import tiny_llama  # noqa: E402
 
@@ -48,6 +55,14 @@ def make_config(case: str, **overrides):
 
 
 CASES = ["mole_block", "mole_linear_top2", "mole_null", "mole_top_p", "loramoe", "smora"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tiny_base_cache(tmp_path_factory):
+    """`model: tiny` bases are built once per test session, in a temporary cache (not the user's ~/.cache)."""
+    if "MOE_PEFT_CACHE" not in os.environ:
+        os.environ["MOE_PEFT_CACHE"] = str(tmp_path_factory.mktemp("moe_peft_cache"))
+    return os.environ["MOE_PEFT_CACHE"]
 
 
 @pytest.fixture

@@ -152,3 +152,48 @@ def test_dropout_is_per_sample_and_only_in_training():
     model.base_model.model.model.layers[0].mlp.up_proj.dropouts["m1"] = torch.nn.Dropout(0.5)
     ids, mask, _, names, _ = batch_for(4)
     assert_dropout_only_on(model, ids, mask, names, "m1")
+
+
+def test_trainer_router_loss_counts_once_per_step_under_gradient_accumulation(tmp_path):
+    """multi_lora.Trainer normalizes the task loss over the accumulation window, so the router loss (a per-micro-batch
+    mean) must enter each micro-batch with weight 1/N; with weight 1 its share of the gradient was N times too large.
+    Identical samples make every micro-batch's router loss equal the whole batch's, so 4 x 1 and 2 x 2 must agree."""
+    from datasets import Dataset
+
+    from moe_peft.data import CharTokenizer, Collator, make_dataset
+
+    from .test_multi_lora import trainer_args
+
+    row = make_dataset(1, seed=1)[0]
+    rows = Dataset.from_list([{**row, "adapter": "m0"}] * 8)
+    tokenizer = CharTokenizer()
+    config = moe_peft.MoLEConfig(r=4, num_experts=4, top_k=2, target_modules=MLP, router_aux_loss_coef=1.0)
+    start = get_peft_model(
+        tiny_llama(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=48, num_layers=2, seed=0),
+        config,
+        adapter_name="m0",
+    )
+    randomize_experts(start, std=0.2)
+    finals = []
+    for batch, accumulation in ((4, 1), (2, 2), (1, 4)):
+        model = copy.deepcopy(start)
+        args = trainer_args(
+            tmp_path / f"ga{accumulation}", 2, per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accumulation, optim="sgd", learning_rate=0.5, max_grad_norm=0.0,
+        )  # fmt: skip
+        multi_lora.Trainer(model=model, args=args, train_dataset=rows, data_collator=Collator(tokenizer)).train()
+        finals.append({n: p.detach().clone() for n, p in model.named_parameters() if "router" in n})
+    assert finals[0] and any(not torch.equal(finals[0][n], start.state_dict()[n]) for n in finals[0])
+    for other in finals[1:]:
+        for name in finals[0]:
+            torch.testing.assert_close(other[name], finals[0][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_per_adapter_loss_refuses_window_normalization_without_a_router_loss_weight():
+    model = make_model("mole")
+    multi_lora.enable(model, training=True)
+    model.train()
+    ids, mask, labels, names, _ = batch_for(4)
+    outputs = model(input_ids=ids, attention_mask=mask, adapter_names=names)
+    with pytest.raises(ValueError, match="router_loss_weight"):
+        multi_lora.per_adapter_loss(outputs, labels, names, num_items={n: 10 for n in set(names)})

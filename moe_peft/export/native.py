@@ -66,13 +66,13 @@ def method_problem(config) -> str | None:
             "router_granularity='linear' gives every projection its own router, so gate_proj, up_proj and down_proj "
             "can pick different experts for one token"
         )
+    if config.top_p is not None:
+        return f"top_p={config.top_p} weights experts by raw, unnormalized probabilities inside each projection"
     if config.top_k != 1:
         return (
             f"top_k={config.top_k} mixes the experts' LoRA deltas inside each projection, before the activation, "
             "while a sparse-MoE layer adds whole expert outputs; only top_k=1 maps exactly"
         )
-    if config.top_p is not None:
-        return f"top_p={config.top_p} weights experts by raw, unnormalized probabilities inside each projection"
     if config.top1_weight != "straight_through":
         return (
             "top1_weight='prob' scales each projection's delta by the router probability inside the MLP; the stock "

@@ -32,6 +32,7 @@ def per_adapter_loss(
     adapter_names: Sequence[str],
     shift: bool = True,
     num_items: Optional[Mapping[str, float]] = None,
+    router_loss_weight: Optional[float] = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(sum over the batch's adapters of their mean token cross-entropy, {adapter: its mean, detached}).
 
@@ -44,9 +45,15 @@ def per_adapter_loss(
             adapter's summed loss is divided by it instead of by this batch's count, so that accumulated
             micro-batches give each adapter the gradient of one big batch (as transformers' `num_items_in_batch`
             does for one model). The reported means stay this batch's.
+        router_loss_weight: the weight of `outputs.router_loss` (moe-peft adapters), a per-micro-batch mean. Without
+            `num_items` it defaults to 1 (the caller divides the whole loss by the accumulation steps). With
+            `num_items` the task loss is already normalized over the window, so the router loss must be divided by
+            the number N of accumulated micro-batches here, else it counts N times (docs/methods.md, "Router
+            losses"): pass `1 / N` (in a Trainer subclass, `moe_peft.accumulation_weight(trainer)`); leaving it
+            unset with `num_items` raises.
 
-    With moe-peft adapters `outputs.router_loss` is added as it is: in a mixed batch each adapter's part of it
-    back-propagates as that adapter's own router loss (multi_lora/moe.py), the gradient it gets alone.
+    With moe-peft adapters `outputs.router_loss` is added with that weight: in a mixed batch each adapter's part of
+    it back-propagates as that adapter's own router loss (multi_lora/moe.py), the gradient it gets alone.
     """
     if isinstance(outputs, torch.Tensor):
         logits, router_loss = outputs, None
@@ -76,7 +83,15 @@ def per_adapter_loss(
         window = torch.tensor([float(num_items.get(a, 0)) for a in selection.adapters], device=sums.device)
         total = (sums[:-1] / window.clamp_min(1)).sum()
     if router_loss is not None:
-        total = total + router_loss.to(total.dtype)
+        if router_loss_weight is None:
+            if num_items is not None:
+                raise ValueError(
+                    "per_adapter_loss: with num_items (a loss normalized over the accumulation window), pass "
+                    "router_loss_weight=1/N for N accumulated micro-batches (moe_peft.accumulation_weight(trainer) in "
+                    "a Trainer), or the router loss would count N times."
+                )
+            router_loss_weight = 1.0
+        total = total + router_loss.to(total.dtype) * router_loss_weight
     report = {a: means[i].detach() for i, a in enumerate(selection.adapters)}
     if counts[-1] > 0:
         report[BASE] = means[-1].detach()

@@ -127,8 +127,24 @@ def _check(x, lora_A, lora_B, expert_idx, expert_weights) -> None:
         )
 
 
+def _check_indices(expert_idx: torch.Tensor, num_experts: int) -> None:
+    """-1 is the only empty slot. Any other index outside [0, E) is a bug upstream, never a null expert: on CPU a
+    ValueError; on CUDA an asynchronous device-side assert (no host sync in the forward; it stops the process
+    at the next synchronization instead of silently dropping the slot or reading out of bounds)."""
+    message = (
+        f"apply_lora_experts: expert_idx must hold expert indices in [0, {num_experts}) or -1 for an empty "
+        "slot (null expert); other values are not null experts."
+    )
+    bad = (expert_idx < -1) | (expert_idx >= num_experts)  # [T, k]
+    if expert_idx.is_cuda:
+        torch._assert_async(~bad.any(), message)
+    elif bad.any():
+        raise ValueError(f"{message} Got {sorted(set(expert_idx[bad].tolist()))[:8]}.")
+
+
 @torch.compiler.disable  # one graph break per call under torch.compile: the kernels are launched eagerly
 def _apply(path, x, lora_A, lora_B, expert_idx, expert_weights, scaling, out, weight, bias):
+    _check_indices(expert_idx, lora_A.shape[0])
     return RoutedLoRAFunction.apply(
         out, x, lora_A, lora_B, expert_weights, expert_idx, float(scaling), weight, bias, _impl(path)
     )
@@ -150,7 +166,8 @@ def apply_lora_experts(
         x: `[T, in]` token features (already dropped out, if dropout is used).
         lora_A: `[E, r, in]` stacked down-projections.
         lora_B: `[E, out, r]` stacked up-projections.
-        expert_idx: `[T, k]` integer; -1 marks an empty slot (null expert), which contributes zero.
+        expert_idx: `[T, k]` integer in [0, E); -1 marks an empty slot (null expert), which contributes zero. Any
+            other value raises (on CUDA: a device-side assert, to keep the forward free of host syncs).
         expert_weights: `[T, k]` routing weights; gradients flow into them (the router trains through this op).
         scaling: the LoRA scaling (`lora_alpha / r` for most methods).
         backend: see the module docstring.

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 from transformers import Trainer
 
+from ..accumulation import accumulation_weight
 from .loss import alignment_loss
 from .model import roma_tuner
 from .reference import RoMAReference
@@ -67,18 +68,17 @@ class RoMALossMixin:
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         index = inputs.pop(INDEX_COLUMN, None)
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        if index is not None and model.training:
+        # return_outputs passed on as asked: TRL's SFTTrainer runs an extra no_grad forward for the outputs, which
+        # would replace the routing captured in the training forward
+        result = super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
+        loss, outputs = result if return_outputs else (result, None)
+        if index is not None and model.training and getattr(self, "roma_reference", None) is not None:
             self._maybe_refresh(model)
             reg = alignment_loss(model, self.roma_reference.neighbours(index), step=self.state.global_step)
-            # Trainer divides a per-batch loss by the accumulation steps itself, unless the task loss was
-            # already normalized over the whole accumulated batch (num_items_in_batch): then do it here
-            scaled = self.loss_is_scaled_for_ga
-            if scaled is None:
-                scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
-                    self.compute_loss_func is not None
-                )
-            loss = loss + (reg / self.current_gradient_accumulation_steps if scaled else reg)
+            # a per-micro-batch mean: 1/steps here when Trainer leaves accumulation to the loss (moe_peft/accumulation.py)
+            loss = loss + reg * accumulation_weight(self, num_items_in_batch)
             self._roma_sum += float(reg.detach())
             self._roma_count += 1
         return (loss, outputs) if return_outputs else loss
@@ -92,7 +92,7 @@ class RoMALossMixin:
             self.roma_reference.refresh(model, self.train_dataset, collate, self.roma_refresh_batch_size)
 
     def log(self, logs: dict, *args, **kwargs) -> None:
-        if self._roma_count and "loss" in logs:
+        if getattr(self, "_roma_count", 0) and "loss" in logs:
             logs["roma_alignment"] = round(self._roma_sum / self._roma_count, 6)
             self._roma_sum, self._roma_count = 0.0, 0
         super().log(logs, *args, **kwargs)
@@ -104,7 +104,7 @@ class RoMATrainer(RoMALossMixin, Trainer):
         RoMATrainer(model=peft_model, args=TrainingArguments(learning_rate=7e-5, ...), train_dataset=ds,
                     data_collator=collator, reference=build_reference(peft_model, ds, tokenizer, collator))
 
-    For TRL: `class RoMASFTTrainer(RoMALossMixin, trl.SFTTrainer)` with the same `_roma_setup` call.
+    For TRL: `moe_peft.MoESFTTrainer` (RoMALossMixin + trl.SFTTrainer) takes a RoMA adapter and its reference.
     """
 
     def __init__(self, *args, reference: RoMAReference, refresh_batch_size: Optional[int] = None, **kwargs):
