@@ -80,6 +80,47 @@ def test_one_expert_mixture_with_modules_to_save_equals_merge_and_unload(saved_b
     assert result.record["measured_error"]["max_abs_logit_diff"] < 1e-4
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: moe_peft.LoRAMoEConfig(r=4, num_experts=1, blc_weight=0.0, target_modules=MLP),
+        lambda: moe_peft.MoLEConfig(r=4, num_experts=1, router_granularity="linear", target_modules=MLP + ATTENTION),
+    ],
+    ids=["loramoe", "mole_linear"],
+)
+def test_other_one_expert_mixtures_equal_merge_and_unload(make, base, tmp_path):
+    model = randomize(get_peft_model(base, make()), names=("_B",))
+    reference = copy.deepcopy(model)
+    result = export(model, tmp_path / "merged", measure_error=False)
+    same_state(result.model, reference.merge_and_unload())
+    assert result.record["exact"] and not result.record["parts"]["approximated"]
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "olmoe", "qwen3_moe"])
+def test_fused_expert_lora_equals_merge_and_unload_and_keeps_the_base_routing(arch, tmp_path):
+    """Expert LoRA on an MoE base's fused 3-D experts: each expert's delta folds into that expert (bit for bit what
+    merge_and_unload gives), the router is untouched, and the merged model equals the adapted one."""
+    config = moe_peft.MoLEConfig(r=4, num_experts=1, target_modules=[], target_parameters=EXPERTS)
+    model = randomize(get_peft_model(tiny_moe(arch), config), names=("_B",))
+    x = ids(5)
+    with torch.no_grad():
+        want = model(input_ids=x).logits
+    reference = copy.deepcopy(model)
+    result = export(model, tmp_path / arch, calibration=[{"input_ids": list(range(4, 20))}] * 4)
+    merged = reference.merge_and_unload()
+    same_state(result.model, merged)
+    assert result.record["parts"]["exact"] == ["expert LoRA 'default' (base routing)"]
+    routers = [n for n, _ in result.model.named_parameters() if n.endswith("mlp.gate.weight")]
+    assert routers and all(  # the base routing is kept as it was
+        torch.equal(result.model.get_parameter(n), model.base_model.model.get_parameter(n)) for n in routers
+    )
+    changed = [n for n, p in result.model.named_parameters() if "experts" in n]
+    base_state = tiny_moe(arch).state_dict()
+    assert changed and all(not torch.equal(result.model.get_parameter(n), base_state[n]) for n in changed)
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(input_ids=x).logits, want, rtol=1e-5, atol=1e-5)
+
+
 def test_mhr_task_equals_merge_task(tmp_path):
     base = tiny_llama(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_layers=2)
     model = get_peft_model(base, mhr_config("mhr", task_type="CAUSAL_LM"))
