@@ -156,6 +156,24 @@ def test_plain_lora_modules_merge_exactly_and_routed_ones_refuse():
         model.merge_and_unload()
 
 
+def test_export_reads_plain_lora_modules_as_fixed_and_the_experts_as_routed():
+    """moe_peft.export's reading of a LLaVA-MoLE adapter: each attention projection (plain LoRA) is a fixed part whose
+    delta is its own merge, each MLP projection a routed part."""
+    from moe_peft.export.parts import Options, read_parts
+
+    model = get_peft_model(tiny_llava(), mole_llava_config(r=4, lora_alpha=8, train_projector=False)).eval()
+    randomize_experts(model)
+    parts, _ = read_parts(model.get_base_model(), Options())
+    fixed = {p.name: p for p in parts.fixed}
+    assert sorted(fixed) == sorted(n for n, _ in model.base_model._moe_layers() if ".self_attn." in n)
+    assert sorted(p.name for p in parts.routed) == sorted(n for n, _ in model.base_model._moe_layers() if ".mlp." in n)
+    for name, part in fixed.items():
+        layer = model.base_model.model.get_submodule(name)
+        a, b = part.factors()
+        torch.testing.assert_close(b @ a, part.delta())  # [out, r] @ [r, in]: the LoRA factors give the same delta
+        torch.testing.assert_close(part.delta(), layer.get_delta_weight("default"))
+
+
 def test_plain_lora_modules_field_checks():
     with pytest.raises(ValueError, match="plain_lora_modules"):
         moe_peft.MoLEConfig(plain_lora_modules=["q_proj", 3])
