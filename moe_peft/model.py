@@ -18,6 +18,7 @@ from .config import MoELoraConfig, SMoRAConfig
 from .context import RoutingContext, attach_router_loss, router_loss_probe
 from .experts import LoRAMoEExperts, MoELoraExperts, MoLEExperts, SMoRAExperts, inject_fused_experts
 from .layer import LoRAMoELinear, MoELoraLinear, MoLELinear, SMoRALinear
+from .qlora import refuse_quantized_merge
 
 _MLP = ["gate_proj", "up_proj", "down_proj"]
 _ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -177,10 +178,11 @@ class MoELoraModel(BaseTuner):
 
     def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
         if merge:
-            for _, layer in self._moe_layers():
+            for name, layer in self._moe_layers():
                 for adapter in adapter_names or layer.active_adapters:
                     if adapter in layer.configs:
                         layer.get_delta_weight(adapter)  # raises for adapters that cannot be merged, before any change
+                        refuse_quantized_merge(layer.get_base_layer(), adapter, name)
         self._remove_unused_block_hooks(remove_all=True)
         self._remove_root_hooks()
         return super()._unload_and_optionally_merge(

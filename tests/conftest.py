@@ -14,6 +14,25 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+def pytest_configure(config):
+    """Triton < 3.7's interpreter converts 1-element arrays to ints, which NumPy >= 2.4 refuses: every interpreted
+    kernel would fail with 'only 0-dimensional arrays can be converted to Python scalars'. Say so once instead."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    try:
+        import numpy
+        import triton
+        from packaging.version import Version
+    except ImportError:
+        return
+    if Version(triton.__version__) < Version("3.7") and Version(numpy.__version__) >= Version("2.4"):
+        raise pytest.UsageError(
+            f"triton {triton.__version__}'s interpreter (TRITON_INTERPRET=1, how the kernel tests run on CPU) does not "
+            f'work with numpy {numpy.__version__}: pip install "numpy<2.4" (or triton >= 3.7).'
+        )
+
+
 # One thread: tiny models gain nothing from more, and on a shared machine extra threads fight other processes
 # for the cores (the suite took 482 s instead of 73 s with torch's default). MOE_PEFT_THREADS raises it; the
 # environment variable also reaches the fresh processes some tests start.
