@@ -7,6 +7,8 @@ Equations and defaults: docs/methods.md.
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
@@ -23,8 +25,35 @@ def _bad(field_name: str, value, fix: str) -> ValueError:
     return ValueError(f"{field_name}={value!r} is invalid: {fix}")
 
 
+class ConfigFile(PeftConfig):
+    """What every moe-peft config does with its `adapter_config.json` (no fields of its own):
+
+    * sets (`target_modules`, `exclude_modules`) are written as sorted lists, so that every process and every
+      data-parallel rank writes the same file (PEFT writes a set in hash order, which differs between processes);
+    * keys this moe-peft version does not know (an adapter saved by a newer moe-peft) are dropped with a warning that
+      names them and the config class, instead of PEFT's generic advice to upgrade PEFT.
+    """
+
+    def to_dict(self) -> dict:
+        return {k: sorted(v) if isinstance(v, set) else v for k, v in super().to_dict().items()}
+
+    @classmethod
+    def check_kwargs(cls, **kwargs):
+        kwargs = super().check_kwargs(**kwargs)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            warnings.warn(
+                f"{cls.__name__}: the adapter config has keys this moe-peft version does not know: {unknown}; they are "
+                "ignored. It was probably saved by a newer moe-peft: upgrade moe-peft (pip install -U moe-peft) if the "
+                "adapter must behave exactly as it did there.",
+                stacklevel=2,
+            )
+        return {k: v for k, v in kwargs.items() if k in known}
+
+
 @dataclass
-class MoELoraConfig(PeftConfig):
+class MoELoraConfig(ConfigFile):
     """Fields shared by every token-routed mixture of LoRA experts.
 
     Args:

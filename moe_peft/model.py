@@ -13,6 +13,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from ._state_dict import FullStateDictKeys
 from .accumulation import label_share
 from .config import MoELoraConfig, SMoRAConfig
 from .context import RoutingContext, attach_router_loss, router_loss_probe
@@ -83,7 +84,7 @@ class _GenerateWithRoutingInputs:
             self.routing_ctx.sticky_sample_types = None
 
 
-class MoELoraModel(BaseTuner):
+class MoELoraModel(FullStateDictKeys, BaseTuner):
     """Shared tuner of every token-routed method; each method subclass sets `prefix`, `linear_layer_cls` (what a
     target module becomes) and `tuner_layer_cls`, the (linear, fused-experts) layer pair PEFT finds with isinstance."""
 
