@@ -8,9 +8,13 @@ Equations and defaults: docs/methods.md.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+import types
+import typing
 import warnings
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from peft.config import PeftConfig
 
@@ -34,6 +38,10 @@ class ConfigFile(PeftConfig):
       names them and the config class, instead of PEFT's generic advice to upgrade PEFT.
     """
 
+    def __post_init__(self):
+        check_field_types(self)  # before any field-specific check compares a value of the wrong type
+        super().__post_init__()
+
     def to_dict(self) -> dict:
         return {k: sorted(v) if isinstance(v, set) else v for k, v in super().to_dict().items()}
 
@@ -50,6 +58,56 @@ class ConfigFile(PeftConfig):
                 stacklevel=2,
             )
         return {k: v for k, v in kwargs.items() if k in known}
+
+
+def _conforms(value: Any, hint: Any) -> bool:
+    """Whether `value` fits a field annotation: int (not bool), float (finite; an int is fine), bool, str, Literal,
+    Optional / Union, list / set / tuple of X, dict, a class; anything else is not checked."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin is Union or origin is types.UnionType:
+        return any(_conforms(value, arg) for arg in args)
+    if hint is type(None):
+        return value is None
+    if origin is Literal:
+        return isinstance(value, str) and value in args
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if origin in (list, set, tuple):
+        return isinstance(value, (list, set, tuple)) and all(_conforms(v, args[0]) for v in value if args)
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+def check_field_types(config: PeftConfig) -> None:
+    """Raise a ValueError naming the first field whose value does not fit its annotation (a string for a number, a
+    NaN or inf weight, a float rank, a routing name that is not one of the choices)."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.name in hints and not _conforms(value, hints[f.name]):
+            raise _bad(f.name, value, f"expected {_describe(hints[f.name])}.")
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is Union or origin is types.UnionType:
+        return " or ".join(_describe(a) for a in args)
+    if hint is float:
+        return "a finite number"
+    if hint is type(None):
+        return "None"
+    return getattr(hint, "__name__", str(hint)).replace("NoneType", "None")
 
 
 @dataclass

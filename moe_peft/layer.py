@@ -56,6 +56,7 @@ class MoELoraLinear(nn.Module, BaseTunerLayer):
         self._router_owner: dict[str, MoELoraLinear] = {}
         self._block_routing: dict[str, Routing] = {}  # set by the parent block's pre-hook
         self.router_records: dict[str, RouterRecord] = {}
+        self.module_name = type(self).__name__  # the tuner sets the module's path in the model
         self.update_layer(adapter_name, config)
 
     # -- named views of the prefixed attributes ------------------------------------------------------
@@ -160,7 +161,7 @@ class MoELoraLinear(nn.Module, BaseTunerLayer):
         """Record this layer's routing; return the loss to attach to the forward path, or None."""
         num_experts = self.experts_A[adapter].shape[0]
         loss, record = router_loss_and_stats(
-            self.configs[adapter], routing, lead_shape, self._routing_ctx, num_experts, self.training
+            self.configs[adapter], routing, lead_shape, self._routing_ctx, num_experts, self.training, self.module_name
         )
         if loss is not None and loss.requires_grad and self._routing_ctx.in_forward:
             record.graph_loss, loss = loss, None  # the tuner reports it with its graph: nothing to attach

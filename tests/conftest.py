@@ -40,6 +40,13 @@ THREADS = int(os.environ.setdefault("MOE_PEFT_THREADS", "1"))
 os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
 torch.set_num_threads(THREADS)
 
+from hypothesis import settings  # noqa: E402
+
+# hypothesis: "ci" (default) runs a fixed, derandomized set of examples, small enough for CI; "thorough" runs 20x more
+settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True, print_blob=True)
+settings.register_profile("thorough", max_examples=500, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
 import moe_peft  # noqa: E402
 from moe_peft.tiny import tiny_llama  # noqa: E402
 

@@ -82,7 +82,9 @@ def _route(
     routing = layer.routers[adapter](x_a.reshape(-1, x_a.shape[-1]))  # [b_a*S, in] -> idx, weights [b_a*S, k_a]
     ctx = _sub_context(layer._routing_ctx, rows, x3.shape[0])
     num_experts = layer.experts_A[adapter].shape[0]
-    loss, record = router_loss_and_stats(layer.configs[adapter], routing, lead_shape, ctx, num_experts, layer.training)
+    loss, record = router_loss_and_stats(
+        layer.configs[adapter], routing, lead_shape, ctx, num_experts, layer.training, layer.module_name
+    )
     layer.router_records[adapter] = record
     if loss is None:
         return routing, None
