@@ -222,27 +222,35 @@ def test_fp16_activations_with_large_values_give_finite_router_logits(scale, met
     assert record.loss is not None and torch.isfinite(record.loss) and record.num_tokens == 10
 
 
-@examples(60)
-@given(
-    rows=st.integers(1, 4),
-    given_types=st.one_of(
-        st.lists(st.integers(-2, 3), min_size=0, max_size=6),
-        st.lists(st.floats(0, 1), min_size=1, max_size=4),
-        st.lists(st.lists(st.integers(0, 1), min_size=2, max_size=2), min_size=1, max_size=3),
-    ),
-)
-def test_sample_types_of_the_wrong_shape_dtype_or_range_raise(rows, given_types):
-    """LoRAMoE's sample_types: a [batch] tensor of 0/1 (before, 2 entries for a batch of 4 were accepted silently)."""
-    types = torch.tensor(given_types)
-    valid = types.dim() == 1 and not types.dtype.is_floating_point and len(types) == rows
-    valid = valid and bool(((types == 0) | (types == 1)).all())
-    model = model_for("loramoe")
+def per_sample_values(upper: int):
+    """Lists for a per-sample routing input whose valid values are 0..upper-1: integers partly out of range and of
+    any length (the valid ones among them), floats, and 2-D lists."""
+    return st.one_of(
+        st.lists(st.integers(-2, upper + 1), min_size=0, max_size=6),
+        st.lists(st.floats(0, upper - 1), min_size=1, max_size=4),
+        st.lists(st.lists(st.integers(0, upper - 1), min_size=2, max_size=2), min_size=1, max_size=3),
+    )
+
+
+def accepted_exactly_when_valid(method: str, field: str, values: list, rows: int, upper: int) -> None:
+    """A [batch] integer tensor in [0, upper) runs; anything else raises a ValueError naming the field."""
+    given = torch.tensor(values)
+    valid = given.dim() == 1 and not given.dtype.is_floating_point and len(given) == rows
+    valid = valid and bool(((given >= 0) & (given < upper)).all())
+    model = model_for(method)
     ids = torch.randint(4, VOCAB, (rows, 4), generator=torch.Generator().manual_seed(rows))
     if valid:
-        model(input_ids=ids, labels=ids, sample_types=types)
+        model(input_ids=ids, labels=ids, **{field: given})
     else:
-        with pytest.raises(ValueError, match="sample_types"):
-            model(input_ids=ids, labels=ids, sample_types=types)
+        with pytest.raises(ValueError, match=field):
+            model(input_ids=ids, labels=ids, **{field: given})
+
+
+@examples(60)
+@given(rows=st.integers(1, 4), given_types=per_sample_values(2))
+def test_sample_types_of_the_wrong_shape_dtype_or_range_raise(rows, given_types):
+    """LoRAMoE's sample_types: a [batch] tensor of 0/1 (before, 2 entries for a batch of 4 were accepted silently)."""
+    accepted_exactly_when_valid("loramoe", "sample_types", given_types, rows, upper=2)
 
 
 def test_loramoe_sample_types_of_length_two_for_a_batch_of_four_raise():
@@ -252,25 +260,9 @@ def test_loramoe_sample_types_of_length_two_for_a_batch_of_four_raise():
 
 
 @examples(60)
-@given(
-    rows=st.integers(1, 4),
-    ids=st.one_of(
-        st.lists(st.integers(-2, 5), min_size=0, max_size=6),
-        st.lists(st.floats(0, 2), min_size=1, max_size=4),
-        st.lists(st.lists(st.integers(0, 2), min_size=2, max_size=2), min_size=1, max_size=3),
-    ),
-)
+@given(rows=st.integers(1, 4), ids=per_sample_values(3))
 def test_task_ids_of_the_wrong_shape_dtype_or_range_raise(rows, ids):
-    task_ids = torch.tensor(ids)
-    valid = task_ids.dim() == 1 and not task_ids.dtype.is_floating_point and len(task_ids) == rows
-    valid = valid and bool(((task_ids >= 0) & (task_ids < 3)).all())
-    model = model_for("mhr")
-    tokens = torch.randint(4, VOCAB, (rows, 4), generator=torch.Generator().manual_seed(rows))
-    if valid:
-        model(input_ids=tokens, labels=tokens, task_ids=task_ids)
-    else:
-        with pytest.raises(ValueError, match="task_ids"):
-            model(input_ids=tokens, labels=tokens, task_ids=task_ids)
+    accepted_exactly_when_valid("mhr", "task_ids", ids, rows, upper=3)
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

@@ -110,9 +110,9 @@ def test_resumed_run_continues_exactly_as_the_uninterrupted_one(tok, rows, tmp_p
         assert biases and all(b.abs().max() > 0 for b in biases)  # the router state moved and came back
 
 
-# TRL turns gradient checkpointing on by default; SMoRA under MoESFTTrainer with it raises a CheckpointError (a
-# different number of tensors saved in the recomputation), reported in issue 16's note: off here
-GC, METHOD = False, "smora"
+# TRL turns gradient checkpointing on by default: on here. (It raised a CheckpointError for SMoRA before the routing
+# statistics probe ran under no_grad: the first forward saved the probe's tensors, the recomputation did not.)
+GC, METHOD = True, "smora"
 
 
 def test_moe_sft_trainer_resumes_exactly(tok, tmp_path):
