@@ -11,8 +11,8 @@ A save never leaves a directory that a loader accepts but that holds a half-writ
 
 The destination is not replaced as a whole: it may hold other files (a Trainer checkpoint keeps its optimizer and
 scheduler state next to the adapter), which stay. A process killed during step 1 leaves the destination untouched
-and at most the hidden temporary directory. (issue 13's `moe_peft._atomic.atomic_directory` replaces a whole
-directory, for exports into a directory of their own; the same temporary-sibling naming.)
+and at most the hidden temporary directory. (`moe_peft._atomic.atomic_directory`, used by `moe_peft.export`,
+replaces a whole directory, for exports into a directory of their own; the same temporary-sibling naming.)
 """
 
 from __future__ import annotations
