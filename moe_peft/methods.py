@@ -5,6 +5,7 @@ A method is a router plus a loss, not a new layer: the layer (layer.py) and the 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -108,9 +109,35 @@ def router_loss_and_stats(
     ctx: RoutingContext,
     num_experts: int,
     training: bool,
+    where: str = "a routed layer",
 ) -> tuple[Optional[torch.Tensor], RouterRecord]:
-    """Weighted router losses of one layer (padding excluded) and its statistics."""
+    """Weighted router losses of one layer (padding excluded) and its statistics.
+
+    Tokens whose router logits are not finite (NaN or inf hidden states: an fp16 overflow, a NaN in the input) are
+    left out of both, with a warning that names the layer: a NaN would otherwise poison the balance loss, and SMoRA's
+    counts would count whatever expert top-k picked among NaNs. (Routers compute in float32, so fp16 activations
+    alone do not overflow the logits.)
+    """
     mask = ctx.token_mask(lead_shape)  # [T] or None
+    finite = torch.isfinite(routing.logits)  # [T, E]
+    group_sizes = getattr(config, "group_sizes", None)
+    if group_sizes is not None and routing.groups is not None:
+        # modality groups: the router set the logits of the experts outside each token's group to -inf on purpose;
+        # only the token's own group's logits tell a non-finite input
+        expert_group = torch.repeat_interleave(
+            torch.arange(len(group_sizes), device=finite.device), torch.tensor(group_sizes, device=finite.device)
+        )  # [E]
+        finite = finite | (expert_group.unsqueeze(0) != routing.groups.unsqueeze(1))  # [1, E] vs [T, 1] -> [T, E]
+    finite = finite.all(dim=-1)  # [T]
+    counted = finite if mask is None else finite | ~mask  # padding may be anything: it is excluded anyway
+    if not bool(counted.all()):  # one host sync; the statistics below sync anyway
+        bad = int((~counted).sum())
+        warnings.warn(
+            f"{where}: {bad} token(s) reach the router with NaN or inf logits (non-finite hidden states or input); "
+            "they are left out of this forward's routing statistics and router losses.",
+            stacklevel=3,
+        )
+        mask = finite if mask is None else mask & finite
     r = _masked(routing, mask)
     num_tokens = r.idx.shape[0]
     valid = r.idx >= 0
@@ -125,7 +152,6 @@ def router_loss_and_stats(
         num_tokens=num_tokens,
         experts_per_token=valid.sum() / max(num_tokens, 1),  # top-p and null experts make it vary
     )
-    group_sizes = getattr(config, "group_sizes", None)
     if group_sizes is not None and r.groups is not None:
         record.groups = _group_stats(config.modality_experts, counts, r.groups, r.idx.shape[1])
     if not training or num_tokens == 0:
@@ -150,6 +176,7 @@ def router_loss_and_stats(
                 else torch.ones(lead_shape, dtype=torch.bool, device=routing.weights.device)
             )
             weights = routing.weights.view(*lead_shape, -1)  # [T, N] -> [B, S, N]
+            weights = torch.where(token_mask.unsqueeze(-1), weights, 0.0)  # a NaN times a 0 mask would stay NaN
             types = ctx.sample_types.to(weights.device)
             lbc = losses.localized_balance(weights, token_mask, types, config.blc_alpha, config.blc_form)
             terms.append(config.blc_weight * lbc)

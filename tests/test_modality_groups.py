@@ -418,3 +418,27 @@ def test_gradient_checkpointing_keeps_the_groups(reentrant):
     batch = llava_batch()
     grads = checkpointed_grads(model, reentrant, lambda m: m(**batch, labels=batch["input_ids"]).loss)
     assert any("mole_router" in n and g.abs().sum() > 0 for n, g in grads.items())
+
+
+def test_masked_group_logits_are_not_taken_for_non_finite_input():
+    """The router sets the logits outside a token's group to -inf on purpose: no warning, the loss and statistics
+    count every token; a NaN token is still found (only it is left out)."""
+    import warnings
+
+    model = grouped(
+        tiny_llama(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2), router_aux_loss_coef=0.5
+    )
+    model.train()
+    embeds = torch.randn(2, 6, 32, generator=_g())
+    types = torch.tensor([[0, 0, 1, 1, 0, 1], [1, 0, 0, 1, 1, 0]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(inputs_embeds=embeds, token_types=types)
+    for layer in moe_peft.routing_stats(model).values():
+        assert layer["loss"] is not None and layer["loss"] > 0
+        assert sum(group["tokens"] for group in layer["groups"].values()) == 12
+    embeds[0, -1] = float("nan")  # spreads over the first sample's 6 tokens (masked attention scores stay NaN)
+    with pytest.warns(UserWarning, match="6 token\\(s\\) reach the router with NaN or inf logits"):
+        model(inputs_embeds=embeds, token_types=types)
+    for layer in moe_peft.routing_stats(model).values():
+        assert sum(group["tokens"] for group in layer["groups"].values()) == 6

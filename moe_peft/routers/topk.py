@@ -122,11 +122,9 @@ def _within_groups(routing: Routing, allowed: torch.Tensor | None, groups: torch
     this only acts when a group expert's probability underflows to exactly 0 and ties with the masked ones."""
     if allowed is None:
         return routing
-    routing.groups = groups
     safe = routing.idx.clamp_min(0)  # [T, k]
     inside = allowed.gather(1, safe) & (routing.idx >= 0)  # [T, n] gathered by [T, k] -> [T, k]
-    routing.idx = torch.where(inside, routing.idx, -1)
-    routing.weights = routing.weights * inside
-    if routing.choice is not None:
-        routing.choice = torch.where(inside, routing.choice, -1)
-    return routing
+    choice = routing.choice if routing.choice is None else torch.where(inside, routing.choice, -1)
+    return routing._replace(  # Routing is a NamedTuple (immutable)
+        idx=torch.where(inside, routing.idx, -1), weights=routing.weights * inside, choice=choice, groups=groups
+    )
