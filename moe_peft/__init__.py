@@ -7,7 +7,7 @@
 Importing this package registers the methods with PEFT (once; see _registration.py).
 """
 
-from . import experts, mhr, multi_lora, phatgoose, stats
+from . import experts, llava, mhr, multi_lora, phatgoose, stats
 from ._atomic_save import atomic_saves
 from ._registration import forward_task_ids, register_methods
 from .accumulation import accumulation_weight
@@ -78,6 +78,7 @@ __all__ = [
     "ExportResult",
     "NativeMoEError",
     "experts",
+    "llava",
     "mhr",
     "multi_lora",
     "phatgoose",

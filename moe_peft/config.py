@@ -236,6 +236,17 @@ class MoLEConfig(MoELoraConfig):
         top_p: if set, keep the most probable experts until their cumulative probability exceeds top_p
             ("Harder Tasks Need More Experts"), capped at top_k; weights are the raw probabilities.
         router_entropy_loss_coef: weight of the mean router entropy (used with top_p).
+        num_experts: experts per routed layer (unset: 4, or the sum of modality_experts).
+        modality_experts: modality-aware expert groups (MoMa), e.g. {"text": 2, "image": 2}: names and expert
+            counts, in bank order (the first group's experts come first). A token routes only among its group's
+            experts, with top_k within the group and a balance loss per group over that group's tokens. The
+            modality of a token comes from `input_ids == config.image_token_id` on LLaVA-family models (groups
+            "text" and "image"), or from the forward/generate keyword `token_types` ([batch, seq] group indices
+            in this dict's order) for any model (docs/methods.md, "Modality-aware expert groups").
+        modality_order: the group names in bank order (and the order token_types indexes); unset: the order of
+            modality_experts. Saved with the adapter, because adapter_config.json stores dicts with sorted keys.
+        plain_lora_modules: target modules (names with suffix match, or a regex, as target_modules) that get one
+            plain LoRA of rank r (a single expert, no router) instead of routed experts: LLaVA-MoLE's attention.
     """
 
     router_granularity: Literal["linear", "block"] = field(
@@ -252,13 +263,75 @@ class MoLEConfig(MoELoraConfig):
     num_null_experts: int = field(default=0, metadata={"help": "AdaMoE null experts (output zero)."})
     top_p: Optional[float] = field(default=None, metadata={"help": "Top-p dynamic routing threshold."})
     router_entropy_loss_coef: float = field(default=0.0, metadata={"help": "Router entropy loss weight."})
+    num_experts: Optional[int] = field(
+        default=None, metadata={"help": "LoRA experts per routed layer (unset: 4, or the sum of modality_experts)."}
+    )
+    modality_experts: Optional[dict[str, int]] = field(
+        default=None, metadata={"help": 'Modality-aware expert groups (MoMa), e.g. {"text": 2, "image": 2}.'}
+    )
+    modality_order: Optional[list[str]] = field(
+        default=None, metadata={"help": "Group names in bank order (unset: modality_experts' order)."}
+    )
+    plain_lora_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Target modules with one plain LoRA (no router), e.g. attention."}
+    )
 
     _method = "MOLE"
 
     def __post_init__(self):
+        self._resolve_num_experts()
         if self.top_k is None:  # top-p caps at top_k: with top_k=1 it would be plain top-1 routing
-            self.top_k = self.num_experts if self.top_p is not None and isinstance(self.num_experts, int) else 1
+            cap = min(self.modality_experts.values()) if self.modality_experts else self.num_experts
+            self.top_k = cap if self.top_p is not None and isinstance(cap, int) else 1
+        if isinstance(self.plain_lora_modules, (list, tuple, set)) and all(
+            isinstance(m, str) for m in self.plain_lora_modules
+        ):
+            self.plain_lora_modules = sorted(set(self.plain_lora_modules))
         super().__post_init__()
+
+    def _resolve_num_experts(self) -> None:
+        groups = self.modality_experts
+        if groups is None:
+            if self.num_experts is None:
+                self.num_experts = 4
+            if self.modality_order is not None:
+                raise _bad("modality_order", self.modality_order, "it orders modality_experts: set both or neither.")
+            return
+        if (
+            not isinstance(groups, dict)
+            or len(groups) < 2
+            or not all(isinstance(k, str) and k for k in groups)
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in groups.values())
+        ):
+            raise _bad(
+                "modality_experts",
+                groups,
+                'use a dict of at least two group names and expert counts >= 1, e.g. {"text": 2, "image": 2}.',
+            )
+        order = list(groups) if self.modality_order is None else list(self.modality_order)
+        if sorted(order) != sorted(groups):
+            raise _bad(
+                "modality_order",
+                self.modality_order,
+                f"list each group of modality_experts once ({sorted(groups)}), in bank order, or leave it unset.",
+            )
+        self.modality_order = order
+        self.modality_experts = groups = {name: groups[name] for name in order}  # dict order = bank order
+        total = sum(groups.values())
+        if self.num_experts is None:
+            self.num_experts = total
+        elif self.num_experts != total:
+            raise _bad(
+                "num_experts",
+                self.num_experts,
+                f"modality_experts={groups} has {total} experts in all; leave num_experts unset (it is their sum) "
+                f"or set it to {total}.",
+            )
+
+    @property
+    def group_sizes(self) -> Optional[tuple[int, ...]]:
+        """Experts per modality group in bank order, or None without modality groups."""
+        return None if self.modality_experts is None else tuple(self.modality_experts.values())
 
     def _num_null_experts(self) -> int:
         return self.num_null_experts if isinstance(self.num_null_experts, int) else 0
@@ -284,6 +357,29 @@ class MoLEConfig(MoELoraConfig):
             raise _bad("top_p", self.top_p, "top-p routing and null experts cannot be combined; drop one of them.")
         if self.router_entropy_loss_coef < 0:
             raise _bad("router_entropy_loss_coef", self.router_entropy_loss_coef, "use a value >= 0.")
+        if self.modality_experts is not None:
+            smallest = min(self.modality_experts.values())
+            if self.top_k > smallest:
+                raise _bad(
+                    "top_k",
+                    self.top_k,
+                    f"with modality_experts a token picks top_k experts within its own group, and the smallest "
+                    f"group has {smallest}; lower top_k or give every group at least top_k experts.",
+                )
+            if self.num_null_experts:
+                raise _bad(
+                    "num_null_experts",
+                    self.num_null_experts,
+                    "null experts and modality_experts cannot be combined yet; drop one of them.",
+                )
+        if self.plain_lora_modules is not None and not (
+            isinstance(self.plain_lora_modules, str) or all(isinstance(m, str) and m for m in self.plain_lora_modules)
+        ):
+            raise _bad(
+                "plain_lora_modules",
+                self.plain_lora_modules,
+                'use module names or a regex, as in target_modules, e.g. ["q_proj", "k_proj", "v_proj", "o_proj"].',
+            )
 
 
 @dataclass

@@ -46,13 +46,52 @@ class RoutingContext:
         self.sticky_sample_types: Optional[torch.Tensor] = None  # held for every step of a generate() call
         # per-sample adapters of a mixed batch (`adapter_names`), set by moe_peft.multi_lora's root pre-hook
         self.adapter_selection = None
+        # token modality for modality expert groups (MoLEConfig.modality_experts), for this forward's input
+        # positions: user-given group indices (`token_types`, -1 = a token generate() added: text), or the image
+        # tokens of a LLaVA-family model's input_ids
+        self.token_types: Optional[torch.Tensor] = None  # [B, S] long
+        self.image_tokens: Optional[torch.Tensor] = None  # [B, S] bool
+        self.sticky_token_types: Optional[torch.Tensor] = None  # [B, P] the prompt's, held for a generate() call
 
-    def start_forward(self, attention_mask=None, sample_types=None) -> None:
+    def start_forward(self, attention_mask=None, sample_types=None, token_types=None, image_tokens=None) -> None:
         self.attention_mask = padding_mask(attention_mask)
         self.sample_types = sample_types
+        self.token_types, self.image_tokens = token_types, image_tokens
         self.loss_grad_scale = None
         self.forward_id += 1
         self.in_forward = True
+
+    def token_groups(self, names: tuple[str, ...], lead_shape: torch.Size) -> torch.Tensor:
+        """Each token's modality group [T] (an index into `names`, the adapter's modality_experts) for a layer
+        input with leading dims lead_shape [B, S]; clear errors when the forward carries no modality or it does
+        not line up with the layer's tokens."""
+        if self.token_types is not None:
+            types, source = self.token_types, "token_types"
+        elif self.image_tokens is not None:
+            if "text" not in names or "image" not in names:
+                raise ValueError(
+                    f"modality_experts names the groups {list(names)}; on a LLaVA-family model the token modality "
+                    'comes from its image tokens, into the groups "text" and "image": name the groups so, or pass '
+                    "token_types=<[batch, seq] group indices> to forward/generate."
+                )
+            text, image = names.index("text"), names.index("image")
+            types, source = torch.where(self.image_tokens, image, text), "the image tokens of input_ids"
+        else:
+            raise ValueError(
+                f"modality_experts={list(names)} routes every token within its modality group, but this forward "
+                "carries no token modality: pass token_types=<LongTensor [batch, seq]> (indices into "
+                "modality_experts, in its order) to forward() or generate(), or call a LLaVA-family model with "
+                "input_ids (its image tokens are the image group)."
+            )
+        if len(lead_shape) != 2 or types.shape[0] != lead_shape[0] or types.shape[1] < lead_shape[1]:
+            raise ValueError(
+                f"the token modality ({source}) has shape {tuple(types.shape)}, which does not line up with the "
+                f"tokens [batch, seq] = {tuple(lead_shape)} of a layer with modality groups. Adapt only the language "
+                "model's layers (never a vision tower), and give one modality per input position."
+            )
+        types = types[:, -lead_shape[1] :]  # [B, S_given] -> [B, S]: the positions this layer sees
+        text = names.index("text") if "text" in names else 0
+        return torch.where(types < 0, text, types).reshape(-1)  # generated tokens (-1) are text; [B, S] -> [T]
 
     def token_mask(self, lead_shape: torch.Size) -> Optional[torch.Tensor]:
         """Flattened [T] bool mask of non-padding tokens for a layer input with leading dims lead_shape.

@@ -21,7 +21,15 @@ from torch import nn
 
 from .config import MoELoraConfig, SMoRAConfig
 from .context import RoutingContext, attach_router_loss
-from .methods import RouterRecord, build_router, expert_bank_shape, is_mergeable, router_loss_and_stats
+from .methods import (
+    RouterRecord,
+    build_router,
+    expert_bank_shape,
+    is_mergeable,
+    plain_routing,
+    route,
+    router_loss_and_stats,
+)
 from .ops import apply_lora_experts, linear_lora_experts
 from .qlora import dense_linear, refuse_quantized_merge
 from .routers import Routing
@@ -32,7 +40,14 @@ class MoELoraLinear(nn.Module, BaseTunerLayer):
     adapter_layer_names = ("moe_A", "moe_B", "moe_router")
     other_param_names = ("moe_dropout", "moe_config", "scaling")
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: MoELoraConfig, routing_ctx: RoutingContext):
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        config: MoELoraConfig,
+        routing_ctx: RoutingContext,
+        plain: bool = False,
+    ):
         super().__init__()
         if not isinstance(base_layer, nn.Linear):  # bitsandbytes' Linear4bit / Linear8bitLt are nn.Linear subclasses
             raise TypeError(
@@ -56,8 +71,10 @@ class MoELoraLinear(nn.Module, BaseTunerLayer):
         self._router_owner: dict[str, MoELoraLinear] = {}
         self._block_routing: dict[str, Routing] = {}  # set by the parent block's pre-hook
         self.router_records: dict[str, RouterRecord] = {}
+        # adapters that hold one plain LoRA here (MoLEConfig.plain_lora_modules): one expert, no router, weight 1
+        self.plain_adapters: set[str] = set()
         self.module_name = type(self).__name__  # the tuner sets the module's path in the model
-        self.update_layer(adapter_name, config)
+        self.update_layer(adapter_name, config, plain=plain)
 
     # -- named views of the prefixed attributes ------------------------------------------------------
     @property
@@ -85,14 +102,20 @@ class MoELoraLinear(nn.Module, BaseTunerLayer):
         return getattr(self, self.other_param_names[1])
 
     # -- adapter management --------------------------------------------------------------------------
-    def update_layer(self, adapter_name: str, config: MoELoraConfig, inference_mode: bool = False) -> None:
-        num_experts, rank = expert_bank_shape(config)
+    def update_layer(
+        self, adapter_name: str, config: MoELoraConfig, inference_mode: bool = False, plain: bool = False
+    ) -> None:
+        num_experts, rank = expert_bank_shape(config, plain)
+        if plain:
+            self.plain_adapters.add(adapter_name)
+        else:
+            self.plain_adapters.discard(adapter_name)
         self.configs[adapter_name] = config
         self.scalings[adapter_name] = config.scaling
         self.dropouts[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.experts_A[adapter_name] = nn.Parameter(torch.empty(num_experts, rank, self.in_features))  # [E, r, in]
         self.experts_B[adapter_name] = nn.Parameter(torch.empty(num_experts, self.out_features, rank))  # [E, out, r]
-        if config.router_granularity == "linear":
+        if config.router_granularity == "linear" and not plain:
             self.routers[adapter_name] = build_router(config, self.in_features)
         self.reset_parameters(adapter_name, config.init_lora_weights)
         self._move_adapter_to_device_of_base_layer(adapter_name)
@@ -127,6 +150,7 @@ class MoELoraLinear(nn.Module, BaseTunerLayer):
         super().delete_adapter(adapter_name)
         for d in (self._router_owner, self._block_routing, self.router_records):
             d.pop(adapter_name, None)
+        self.plain_adapters.discard(adapter_name)
 
     # -- forward -------------------------------------------------------------------------------------
     def route_block(self, hidden: torch.Tensor) -> Optional[torch.Tensor]:
@@ -150,7 +174,7 @@ class MoELoraLinear(nn.Module, BaseTunerLayer):
                     "put a linear that reads the block input first in target_modules, or use "
                     "router_granularity='linear'."
                 )
-            routing = self.routers[adapter](x)
+            routing = route(self.configs[adapter], self.routers[adapter], x, lead_shape, self._routing_ctx)
             self._block_routing[adapter] = routing
             loss = self._record(adapter, routing, lead_shape)
             if loss is not None:
@@ -169,8 +193,10 @@ class MoELoraLinear(nn.Module, BaseTunerLayer):
         return loss
 
     def _routing(self, adapter: str, x: torch.Tensor, lead_shape: torch.Size) -> tuple[Routing, Optional[torch.Tensor]]:
+        if adapter in self.plain_adapters:
+            return plain_routing(x.shape[0], x.device), None
         if self.configs[adapter].router_granularity == "linear":
-            routing = self.routers[adapter](x)
+            routing = route(self.configs[adapter], self.routers[adapter], x, lead_shape, self._routing_ctx)
             return routing, self._record(adapter, routing, lead_shape)
         owner = self._router_owner.get(adapter)
         routing = owner._block_routing.get(adapter) if owner is not None else None
@@ -230,7 +256,7 @@ class MoELoraLinear(nn.Module, BaseTunerLayer):
     # -- merging -------------------------------------------------------------------------------------
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         config = self.configs[adapter]
-        if not is_mergeable(config):
+        if not is_mergeable(config) and adapter not in self.plain_adapters:  # a plain LoRA merges exactly
             from .export import merge_hint
 
             if isinstance(config, SMoRAConfig):

@@ -27,6 +27,33 @@ def switch_balance(probs: torch.Tensor, choice: torch.Tensor, num_null: int = 0)
     return num_choices * (f * p).sum()
 
 
+def grouped_switch_balance(
+    probs: torch.Tensor, choice: torch.Tensor, groups: torch.Tensor, group_sizes: tuple[int, ...]
+) -> torch.Tensor:
+    """The Switch balance within each modality group, over that group's tokens, averaged over the groups that
+    have tokens (so it equals k at perfect balance, as without groups, and the coefficient means the same).
+
+    probs [T, n] softmax within each token's group (0 outside it); choice [T, k] global picks (-1 = none);
+    groups [T] long, the token's group; group_sizes: experts per group in bank order.
+    L_g = n_g * sum_{e in g} f_e P_e, with f_e = (picks of e) / T_g and P_e = (sum of p_e over g's tokens) / T_g.
+    Sync-free: every group is computed at once, an empty group weighs 0.
+    """
+    num_groups = len(group_sizes)
+    sizes = torch.tensor(group_sizes, device=probs.device)  # [G]
+    group_of_expert = torch.repeat_interleave(torch.arange(num_groups, device=probs.device), sizes)  # [n]
+    tokens = torch.bincount(groups, minlength=num_groups).to(probs.dtype)  # [G]
+    per_expert_tokens = tokens[group_of_expert].clamp_min(1.0)  # [n]
+    valid = choice >= 0  # [T, k]
+    picks = torch.zeros(probs.shape[1], device=probs.device, dtype=probs.dtype)
+    picks.scatter_add_(0, choice[valid], torch.ones_like(choice[valid], dtype=probs.dtype))  # [n]
+    f = picks / per_expert_tokens  # [n], no gradient (argmax)
+    p = probs.sum(dim=0) / per_expert_tokens  # [n]; a token's probability is 0 outside its group
+    per_group = torch.zeros(num_groups, device=probs.device, dtype=probs.dtype)
+    per_group = per_group.index_add(0, group_of_expert, f * p) * sizes.to(probs.dtype)  # [n] -> [G]
+    present = (tokens > 0).to(probs.dtype)  # [G]
+    return (per_group * present).sum() / present.sum().clamp_min(1.0)
+
+
 def z_loss(logits: torch.Tensor) -> torch.Tensor:
     """Router z-loss (ST-MoE, eq. 5): mean over tokens of logsumexp(logits)^2."""
     return torch.logsumexp(logits, dim=-1).pow(2).mean()

@@ -18,8 +18,11 @@ from .context import RoutingContext
 from .routers import DenseRouter, Routing, SMoRARouter, TopKRouter
 
 
-def expert_bank_shape(config: MoELoraConfig) -> tuple[int, int]:
-    """(number of experts E, rank of each expert r) of the stacked A [E, r, in] / B [E, out, r]."""
+def expert_bank_shape(config: MoELoraConfig, plain: bool = False) -> tuple[int, int]:
+    """(number of experts E, rank of each expert r) of the stacked A [E, r, in] / B [E, out, r]; a plain LoRA
+    module (MoLEConfig.plain_lora_modules) holds one expert."""
+    if plain:
+        return 1, config.r
     if isinstance(config, SMoRAConfig):
         return config.r, 1  # every rank is a rank-1 expert
     return config.num_experts, config.r
@@ -36,12 +39,29 @@ def build_router(config: MoELoraConfig, in_features: int) -> nn.Module:
             top_p=config.top_p,
             top1_weight=config.top1_weight,
             eval_routing=config.eval_routing,
+            group_sizes=config.group_sizes,
         )
     if isinstance(config, LoRAMoEConfig):
         return DenseRouter(in_features, config.num_experts)
     if isinstance(config, SMoRAConfig):
         return SMoRARouter(in_features, config.r, config.top_k)
     raise TypeError(f"No router for config type {type(config).__name__}.")
+
+
+def route(config: MoELoraConfig, router: nn.Module, x: torch.Tensor, lead_shape: torch.Size, ctx: RoutingContext):
+    """Route the tokens x [T, in] (leading dims lead_shape) with `router`; with modality groups (MoLEConfig.
+    modality_experts) each token's group comes from the routing context (docs/methods.md)."""
+    groups = getattr(config, "modality_experts", None)
+    if not groups:
+        return router(x)
+    return router(x, ctx.token_groups(tuple(groups), lead_shape).to(x.device))  # [T] long
+
+
+def plain_routing(num_tokens: int, device: torch.device) -> Routing:
+    """A plain LoRA module's routing: its one expert with weight 1 for every token (no router, no loss)."""
+    idx = torch.zeros(num_tokens, 1, dtype=torch.long, device=device)  # [T, 1]
+    ones = torch.ones(num_tokens, 1, device=device)  # [T, 1] float32
+    return Routing(idx=idx, weights=ones, logits=ones, probs=ones, choice=idx)
 
 
 def is_mergeable(config: MoELoraConfig) -> bool:
@@ -62,6 +82,9 @@ class RouterRecord:
     counts: torch.Tensor  # [E] picks per real expert (SMoRA's bias update reads these)
     num_tokens: int
     experts_per_token: torch.Tensor  # 0-d, mean number of real experts per routed (non-padding) token
+    # modality groups (MoMa): name -> (load [n_g], the fraction of the group's (token, slot) picks per expert of
+    # the group; tokens, 0-d, the group's non-padding tokens); None without groups
+    groups: Optional[dict[str, tuple[torch.Tensor, torch.Tensor]]] = None
     # the loss with its graph, from a forward run with grad enabled; the tuner takes it (and clears it)
     graph_loss: Optional[torch.Tensor] = None
 
@@ -75,6 +98,7 @@ def _masked(routing: Routing, mask: Optional[torch.Tensor]) -> Routing:
         logits=routing.logits[mask],
         probs=routing.probs[mask],
         choice=None if routing.choice is None else routing.choice[mask],
+        groups=None if routing.groups is None else routing.groups[mask],
     )
 
 
@@ -95,7 +119,16 @@ def router_loss_and_stats(
     alone do not overflow the logits.)
     """
     mask = ctx.token_mask(lead_shape)  # [T] or None
-    finite = torch.isfinite(routing.logits).all(dim=-1)  # [T]
+    finite = torch.isfinite(routing.logits)  # [T, E]
+    group_sizes = getattr(config, "group_sizes", None)
+    if group_sizes is not None and routing.groups is not None:
+        # modality groups: the router set the logits of the experts outside each token's group to -inf on purpose;
+        # only the token's own group's logits tell a non-finite input
+        expert_group = torch.repeat_interleave(
+            torch.arange(len(group_sizes), device=finite.device), torch.tensor(group_sizes, device=finite.device)
+        )  # [E]
+        finite = finite | (expert_group.unsqueeze(0) != routing.groups.unsqueeze(1))  # [1, E] vs [T, 1] -> [T, E]
+    finite = finite.all(dim=-1)  # [T]
     counted = finite if mask is None else finite | ~mask  # padding may be anything: it is excluded anyway
     if not bool(counted.all()):  # one host sync; the statistics below sync anyway
         bad = int((~counted).sum())
@@ -119,13 +152,18 @@ def router_loss_and_stats(
         num_tokens=num_tokens,
         experts_per_token=valid.sum() / max(num_tokens, 1),  # top-p and null experts make it vary
     )
+    if group_sizes is not None and r.groups is not None:
+        record.groups = _group_stats(config.modality_experts, counts, r.groups, r.idx.shape[1])
     if not training or num_tokens == 0:
         return None, record
 
     terms = []
     if config.router_aux_loss_coef > 0:
-        num_null = getattr(config, "num_null_experts", 0)
-        terms.append(config.router_aux_loss_coef * losses.switch_balance(r.probs, r.choice, num_null))
+        if group_sizes is not None:  # within each group, over its tokens (docs/methods.md, modality groups)
+            balance = losses.grouped_switch_balance(r.probs, r.choice, r.groups, group_sizes)
+        else:
+            balance = losses.switch_balance(r.probs, r.choice, getattr(config, "num_null_experts", 0))
+        terms.append(config.router_aux_loss_coef * balance)
     if config.router_z_loss_coef > 0:
         terms.append(config.router_z_loss_coef * losses.z_loss(r.logits))
     if isinstance(config, MoLEConfig) and config.router_entropy_loss_coef > 0:
@@ -147,3 +185,17 @@ def router_loss_and_stats(
     loss = torch.stack(terms).sum()
     record.loss = loss.detach()
     return loss, record
+
+
+def _group_stats(
+    modality_experts: dict[str, int], counts: torch.Tensor, groups: torch.Tensor, slots: int
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per modality group: (load [n_g] over the group's (token, slot) picks, number of tokens) from the layer's
+    expert counts [E] and the non-padding tokens' groups [T]."""
+    tokens = torch.bincount(groups, minlength=len(modality_experts))  # [G]
+    stats, offset = {}, 0
+    for g, (name, size) in enumerate(modality_experts.items()):  # a loop over groups (2-3), not experts
+        load = counts[offset : offset + size].float() / (tokens[g] * slots).clamp_min(1)  # [n_g]
+        stats[name] = (load.detach(), tokens[g].detach())
+        offset += size
+    return stats

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 import weakref
 from typing import Any, Optional
@@ -39,6 +40,9 @@ DEFAULT_TARGET_MODULES = {
 }
 
 _HIDDEN_KWARGS = ("hidden_states", "x", "input")
+# Models whose token modality moe-peft reads by itself: image tokens are `input_ids == config.image_token_id`
+# (transformers' processors expand each image placeholder into that many tokens before the forward).
+IMAGE_TOKEN_MODEL_TYPES = ("llava", "llava_next")
 
 
 def _block_pre_hook(module: nn.Module, args: tuple, kwargs: dict):
@@ -76,12 +80,14 @@ class _GenerateWithRoutingInputs:
     def __init__(self, model: nn.Module, routing_ctx: RoutingContext):
         self.model, self.routing_ctx = model, routing_ctx
 
-    def __call__(self, *args: Any, sample_types: Optional[torch.Tensor] = None, **kwargs: Any):
+    def __call__(self, *args: Any, sample_types: Optional[torch.Tensor] = None, token_types=None, **kwargs: Any):
         self.routing_ctx.sticky_sample_types = sample_types
+        self.routing_ctx.sticky_token_types = None if token_types is None else _as_token_types(token_types)
         try:
             return type(self.model).generate(self.model, *args, **kwargs)
         finally:
             self.routing_ctx.sticky_sample_types = None
+            self.routing_ctx.sticky_token_types = None
 
 
 class MoELoraModel(FullStateDictKeys, BaseTuner):
@@ -112,8 +118,9 @@ class MoELoraModel(FullStateDictKeys, BaseTuner):
         current_key: str,
         **optional_kwargs: Any,
     ) -> None:
+        plain = _is_plain_lora(config, current_key)
         if isinstance(target, self.linear_layer_cls):
-            target.update_layer(adapter_name, config)
+            target.update_layer(adapter_name, config, plain=plain)
             target.module_name = current_key
             return
         if isinstance(target, BaseTunerLayer):
@@ -124,7 +131,7 @@ class MoELoraModel(FullStateDictKeys, BaseTuner):
                 "only. Remove it from target_modules (or exclude it with exclude_modules); name fused 3-D expert "
                 "weights in target_parameters instead."
             )
-        new_module = self.linear_layer_cls(target, adapter_name, config, self.routing_ctx)
+        new_module = self.linear_layer_cls(target, adapter_name, config, self.routing_ctx, plain=plain)
         new_module.module_name = current_key  # named in warnings and errors
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # an added adapter is not trainable until set_adapter
@@ -154,7 +161,7 @@ class MoELoraModel(FullStateDictKeys, BaseTuner):
         config = self.peft_config[adapter_name]
         blocks: dict[str, list[MoELoraLinear]] = {}
         for name, layer in self._moe_layers():
-            if adapter_name in layer.experts_A:
+            if adapter_name in layer.experts_A and adapter_name not in layer.plain_adapters:
                 blocks.setdefault(name.rpartition(".")[0], []).append(layer)
         hooks = self.__dict__.setdefault("_moe_block_hooks", {})
         for parent_name, layers in blocks.items():
@@ -219,9 +226,52 @@ class MoELoraModel(FullStateDictKeys, BaseTuner):
         if sample_types is not None:
             # a generate() call holds them for every step (beams expand the batch; no loss is computed there)
             sample_types = as_sample_types(sample_types, None if given is None else _batch_size(args, kwargs))
+        token_types = kwargs.pop("token_types", None)
         attention_mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-        ctx.start_forward(attention_mask if isinstance(attention_mask, torch.Tensor) else None, sample_types)
+        token_types, image_tokens = self._token_modality(module, args, kwargs, token_types)
+        ctx.start_forward(
+            attention_mask if isinstance(attention_mask, torch.Tensor) else None,
+            sample_types,
+            token_types,
+            image_tokens,
+        )
         return args, kwargs
+
+    def _token_modality(self, module: nn.Module, args: tuple, kwargs: dict, token_types):
+        """(token_types [B, S], image_tokens [B, S]) of this forward's input positions, for adapters with modality
+        groups; (None, None) when no adapter has them."""
+        groups = [c.modality_experts for c in self.peft_config.values() if getattr(c, "modality_experts", None)]
+        if not groups:
+            return None, None
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        tokens = input_ids if isinstance(input_ids, torch.Tensor) else embeds
+        if token_types is None and self.routing_ctx.sticky_token_types is not None and tokens is not None:
+            token_types = _generate_step_types(self.routing_ctx.sticky_token_types, tokens.shape[:2], kwargs)
+        if token_types is not None:
+            token_types = _as_token_types(token_types)
+            if tokens is not None:
+                token_types = token_types.to(tokens.device)
+            if token_types.numel() and (
+                int(token_types.max()) >= min(len(g) for g in groups) or int(token_types.min()) < -1
+            ):
+                raise ValueError(
+                    f"token_types has values in [{int(token_types.min())}, {int(token_types.max())}], but "
+                    f"modality_experts has "
+                    f"{min(len(g) for g in groups)} groups ({[list(g) for g in groups]}): use indices into "
+                    "modality_experts, in its order (-1: a generated text token)."
+                )
+            return token_types, None
+        config = getattr(module, "config", None)
+        image_token_id = getattr(config, "image_token_id", None)
+        if getattr(config, "model_type", None) not in IMAGE_TOKEN_MODEL_TYPES or image_token_id is None:
+            return None, None  # a routed layer then asks for token_types (RoutingContext.token_groups)
+        if isinstance(input_ids, torch.Tensor):
+            return None, input_ids == image_token_id  # [B, S] bool
+        if isinstance(embeds, torch.Tensor):  # as transformers finds the placeholders: the image token's embedding
+            image_embedding = module.get_input_embeddings().weight[image_token_id].to(embeds.dtype)  # [d]
+            return None, (embeds == image_embedding).all(-1)  # [B, S, d] -> [B, S]
+        return None, None
 
     def _root_hook(self, module: nn.Module, args: tuple, kwargs: dict, outputs):
         return self._finish_forward(outputs, kwargs)
@@ -268,6 +318,47 @@ class MoELoraModel(FullStateDictKeys, BaseTuner):
         if isinstance(outputs, dict):  # a ModelOutput (a plain tensor or tuple output has no room for it)
             outputs["router_loss"] = router_loss
         return outputs
+
+
+def _as_token_types(token_types) -> torch.Tensor:
+    types = torch.as_tensor(token_types)
+    if types.dim() != 2 or types.dtype.is_floating_point or types.dtype == torch.bool:
+        raise ValueError(
+            f"token_types must be a [batch, seq] integer tensor of modality group indices (into modality_experts, "
+            f"in its order), got {tuple(types.shape)} {types.dtype}."
+        )
+    return types.long()
+
+
+def _generate_step_types(prompt_types: torch.Tensor, tokens_shape: torch.Size, kwargs: dict) -> torch.Tensor:
+    """The token types of one generate() step's input positions from the prompt's [B0, P]: the step's input
+    covers positions [cached, cached + S) (only the new tokens with a KV cache, everything without one);
+    positions past the prompt are generated tokens (-1, routed as text). Rows repeat for beams / samples."""
+    batch, seq = tokens_shape
+    if prompt_types.shape[0] != batch:
+        if batch % prompt_types.shape[0]:
+            raise ValueError(
+                f"token_types has {prompt_types.shape[0]} rows but generate() runs a batch of {batch}: pass one row "
+                "per prompt."
+            )
+        prompt_types = prompt_types.repeat_interleave(batch // prompt_types.shape[0], dim=0)  # [B0, P] -> [B, P]
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    cached = int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else 0
+    end = cached + seq
+    if end > prompt_types.shape[1]:  # [B, P] -> [B, end]: the generated positions are text
+        prompt_types = torch.nn.functional.pad(prompt_types, (0, end - prompt_types.shape[1]), value=-1)
+    return prompt_types[:, cached:end]  # [B, S]
+
+
+def _is_plain_lora(config: MoELoraConfig, key: str) -> bool:
+    """Whether the target module `key` gets one plain LoRA (MoLEConfig.plain_lora_modules): a regex must match
+    the whole name, a list entry the name or its last components, as PEFT matches target_modules."""
+    patterns = getattr(config, "plain_lora_modules", None)
+    if not patterns:
+        return False
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, key) is not None
+    return any(key == p or key.endswith("." + p) for p in patterns)
 
 
 def _batch_size(args: tuple, kwargs: dict) -> Optional[int]:
@@ -328,20 +419,26 @@ def router_loss(model: nn.Module) -> torch.Tensor:
 def routing_stats(model: nn.Module, adapter_name: Optional[str] = None) -> dict[str, dict[str, Any]]:
     """Per routed layer, from the latest forward: expert load [E] (fraction of picks), null-expert fraction,
     experts per token (mean number of real experts per non-padding token: what top-p and null-expert papers
-    report), the layer's weighted router loss and the number of routed (non-padding) tokens."""
+    report), the layer's weighted router loss and the number of routed (non-padding) tokens. With modality
+    groups (MoLEConfig.modality_experts) also `groups`: per group name, its experts' load over the group's own
+    (token, slot) picks and its number of tokens."""
     tuner = _tuner(model)
     stats = {}
     for name, layer in tuner._moe_layers():
         for adapter, record in layer.router_records.items():
             if adapter_name is not None and adapter != adapter_name:
                 continue
-            stats[name if adapter_name else f"{name}[{adapter}]"] = {
+            entry = stats[name if adapter_name else f"{name}[{adapter}]"] = {
                 "load": record.load.tolist(),
                 "null_fraction": record.null_fraction,
                 "experts_per_token": float(record.experts_per_token),
                 "loss": None if record.loss is None else float(record.loss),
                 "tokens": record.num_tokens,
             }
+            if record.groups is not None:  # modality groups: each group's load over its own picks
+                entry["groups"] = {
+                    g: {"load": load.tolist(), "tokens": int(tokens)} for g, (load, tokens) in record.groups.items()
+                }
     return stats
 
 

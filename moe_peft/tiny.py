@@ -69,31 +69,70 @@ def tiny_dense(
     return getattr(transformers, model_name)(config).eval()
 
 
-def tiny_llava(vocab_size: int = 64, hidden_size: int = 32, seed: int = 0):
-    """A LLaVA (CLIP vision tower + Llama language model) with 8x8 images of 4x4 patches."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+def tiny_llava(
+    vocab_size: int = 64,
+    hidden_size: int = 32,
+    seed: int = 0,
+    num_layers: int = 2,
+    image_size: int = 8,
+    patch_size: int = 4,
+    vision_hidden_size: int = 16,
+    vision_layers: int = 1,
+    arch: str = "llava",
+):
+    """A LLaVA (CLIP vision tower + Llama language model); by default 8x8 images of 4x4 patches (4 image tokens).
+    The image token is the last id of the vocabulary. arch="llava_next": LLaVA-NeXT on the same parts (anyres: the
+    image at the tower's resolution plus a grid of tiles, a learned newline per row; grids of 1x2, 2x1, 2x2 tiles)."""
+    import transformers
+    from transformers import CLIPVisionConfig, LlamaConfig
 
     text = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
-        num_hidden_layers=2,
+        num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         pad_token_id=0,
     )
     vision = CLIPVisionConfig(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=8, patch_size=4
+        hidden_size=vision_hidden_size,
+        intermediate_size=2 * vision_hidden_size,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch_size,
     )
-    config = LlavaConfig(
+    # the last token id is the image placeholder; the last vision layer's patches, CLS dropped ("default")
+    common = dict(
         vision_config=vision,
         text_config=text,
         image_token_id=vocab_size - 1,
         vision_feature_layer=-1,
         vision_feature_select_strategy="default",
     )
+    s = image_size
+    kinds = {
+        "llava": ("LlavaConfig", "LlavaForConditionalGeneration", {}),
+        "llava_next": (
+            "LlavaNextConfig",
+            "LlavaNextForConditionalGeneration",
+            dict(
+                image_grid_pinpoints=[[s, 2 * s], [2 * s, s], [2 * s, 2 * s]], image_seq_length=(s // patch_size) ** 2
+            ),
+        ),
+    }
+    if arch not in kinds:
+        raise ValueError(f"arch={arch!r} is invalid: use one of {sorted(kinds)}.")
+    config_name, model_name, extra = kinds[arch]
+    config = getattr(transformers, config_name)(**common, **extra)
     torch.manual_seed(seed)
-    return LlavaForConditionalGeneration(config).eval()
+    return getattr(transformers, model_name)(config).eval()
+
+
+def tiny_llava_next(**kwargs):
+    """`tiny_llava(arch="llava_next", ...)`: a tiny LLaVA-NeXT."""
+    return tiny_llava(arch="llava_next", **kwargs)
 
 
 def tiny_moe(

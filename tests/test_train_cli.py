@@ -9,12 +9,13 @@ import pathlib
 import pytest
 import torch
 from peft import LoraConfig, PeftModel
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 from trl import SFTConfig
 
 import moe_peft
 from moe_peft.cli import main
 from moe_peft.train.config import ConfigError, apply_override, load_config, method_config_class
+from moe_peft.train.data import DataError
 from moe_peft.train.run import train_from_config
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -111,7 +112,11 @@ QUICK = {
     "data.bundled_samples": 48,
     "stats.samples": 16,
 }
-QUICK_METHOD = {"phatgoose": {"training.max_steps": 2, "gates.steps": 2}, "roma": {"data.bundled_samples": 64}}
+QUICK_METHOD = {
+    "phatgoose": {"training.max_steps": 2, "gates.steps": 2},
+    "roma": {"data.bundled_samples": 64},
+    "mole_llava": {"tiny.pretrain_steps": 20},
+}
 
 
 def _quick(path: pathlib.Path, out: pathlib.Path) -> list[str]:
@@ -122,7 +127,8 @@ def _quick(path: pathlib.Path, out: pathlib.Path) -> list[str]:
 def _reload(adapter: pathlib.Path):
     base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
     assert pathlib.Path(base).is_dir()  # the tiny base was saved: the adapter reloads without the Hub
-    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).eval()
+    auto = AutoModelForImageTextToText if "llava" in pathlib.Path(base).name else AutoModelForCausalLM
+    return PeftModel.from_pretrained(auto.from_pretrained(base), adapter).eval()
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
@@ -142,6 +148,10 @@ def test_shipped_config_trains_end_to_end(path, tmp_path, capsys):
     assert stats["layers"] and all(abs(sum(layer["load"]) - 1) < 1e-5 for layer in stats["layers"].values())
     model = _reload(adapter)
     assert json.loads((adapter / "tasks.json").read_text()) == sorted(load_config(str(path)).data.bundled_tasks)
+    if path.stem == "mole_llava":  # exact match per task and the expert load on held-out image+text rows
+        llava = json.loads((tmp_path / "stats" / "llava.json").read_text())
+        assert sorted(llava["accuracy"]) == sorted(stats["groups"]) == json.loads((adapter / "tasks.json").read_text())
+        assert abs(sum(llava["modality_load"]["all"]["load"]) - 1) < 1e-5
     with torch.no_grad():
         model(input_ids=torch.tensor([[1, 5, 6, 7]]), **({"task_ids": torch.tensor([0])} if path.stem == "mhr" else {}))
     if path.stem == "mole_mixtral":  # the YAML's target_parameters reached the fused experts (one LoRA per expert)
@@ -212,6 +222,45 @@ def test_cli_reports_config_and_data_errors_without_a_traceback(tmp_path, capsys
     bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"}\n')
     assert main(["train", str(config), "--set", f"data.train={bad}", "--set", f"training.output_dir={tmp_path}"]) == 2
     assert f"{bad}, row 2: field 'response' is missing" in capsys.readouterr().err
+
+
+def test_llava_config_with_modality_groups_and_llava_next_on_a_users_jsonl_file(tmp_path):
+    """configs/mole_llava.yaml on the user's rows (messages with image placeholders, image paths relative to the
+    file) with modality groups and the tiny LLaVA-NeXT set from the command line."""
+    from moe_peft.llava import make_image_tasks
+
+    rows = []
+    for i, row in enumerate(make_image_tasks(24, seed=5)):
+        images = []
+        for j, image in enumerate(row["images"]):
+            image.save(tmp_path / f"{i}_{j}.png")
+            images.append(f"{i}_{j}.png")
+        rows.append({"messages": row["messages"], "images": images, "task": row["modality"]})
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = ROOT / "configs" / "mole_llava.yaml"
+    groups = ["adapter.modality_experts={text: 2, image: 2}", "adapter.num_experts=null", f"data.train={data}"]
+    groups.append("tiny.arch=llava_next")
+    run = train_from_config(load_config(str(path), [*_quick(path, tmp_path / "run"), *groups]))
+    adapter = pathlib.Path(run.paths["adapter"])
+    assert json.loads((adapter / "tasks.json").read_text()) == ["image", "text"]
+    llava = json.loads(pathlib.Path(run.paths["llava"]).read_text())
+    assert llava["samples"] == 16 and sorted(llava["accuracy"]) == ["image", "text"]
+    for group in ("text", "image"):  # each group's load is over its own two experts
+        load = llava["modality_load"][group]
+        assert len(load["load"]) == 2 and abs(sum(load["load"]) - 1) < 1e-5 and load["tokens"] > 0
+    model = _reload(adapter)
+    assert model.peft_config["default"].modality_experts == {"text": 2, "image": 2}
+    assert model.get_base_model().config.model_type == "llava_next"
+    with pytest.raises(ConfigError, match="tiny.hidden_size / tiny.num_layers / tiny.pretrain_alphabet are fixed"):
+        load_config(str(path), ["tiny.hidden_size=32"])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}], "images": []}) + "\n")
+    with pytest.raises(DataError, match="row 1: `messages` must be a list of chat turns ending with the assistant"):
+        train_from_config(load_config(str(path), [*_quick(path, tmp_path / "bad"), f"data.train={bad}"]))
+    with pytest.raises(ConfigError, match="method='smora' on a LLaVA base is not supported"):
+        raw = {"method": "smora", "tiny": {"arch": "llava", "pretrain_steps": 20}, "training": {"bf16": False}}
+        train_from_config(load_config(raw=raw))
 
 
 def test_model_can_be_a_local_path(tmp_path):

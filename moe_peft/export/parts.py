@@ -183,11 +183,12 @@ def _moe_linear(name: str, layer: MoELoraLinear, parts: Parts) -> None:
         config: MoELoraConfig = layer.configs[adapter]
         a, b, s = layer.experts_A[adapter], layer.experts_B[adapter], layer.scalings[adapter]
         method = type(config).__name__.removesuffix("Config")
-        if is_mergeable(config):
+        plain = adapter in layer.plain_adapters  # a plain LoRA module of a MoLE adapter (plain_lora_modules)
+        if is_mergeable(config) or plain:
             parts.fixed.append(
                 FixedLinear(
                     name,
-                    f"{method} '{adapter}' (one expert)",
+                    f"{method} '{adapter}' ({'plain LoRA' if plain else 'one expert'})",
                     delta=lambda layer=layer, adapter=adapter: layer.get_delta_weight(adapter),
                     factors=lambda a=a, b=b, s=s: (a[0].detach(), b[0].detach() * s),  # [r, in], [out, r]
                 )

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..context import attach_router_loss
-from ..methods import router_loss_and_stats
+from ..methods import plain_routing, route, router_loss_and_stats
 from ..ops import apply_lora_experts, linear_lora_experts
 from ..qlora import dense_linear
 from ..routers import Routing
@@ -79,8 +79,11 @@ def _route(
     """Route the samples `rows` of `x3 [B, S, in]` with the adapter's router; record its losses on `layer`."""
     x_a = x3.index_select(0, rows)  # [B, S, in] -> [b_a, S, in]
     lead_shape = x_a.shape[:-1]
-    routing = layer.routers[adapter](x_a.reshape(-1, x_a.shape[-1]))  # [b_a*S, in] -> idx, weights [b_a*S, k_a]
+    if adapter in layer.plain_adapters:  # one plain LoRA here: weight 1, no router, no loss
+        return plain_routing(x_a.shape[0] * x_a.shape[1], x_a.device), None
     ctx = _sub_context(layer._routing_ctx, rows, x3.shape[0])
+    x_flat = x_a.reshape(-1, x_a.shape[-1])  # [b_a, S, in] -> [b_a*S, in]
+    routing = route(layer.configs[adapter], layer.routers[adapter], x_flat, lead_shape, ctx)  # idx, w [b_a*S, k_a]
     num_experts = layer.experts_A[adapter].shape[0]
     loss, record = router_loss_and_stats(
         layer.configs[adapter], routing, lead_shape, ctx, num_experts, layer.training, layer.module_name
@@ -125,7 +128,7 @@ def forward(layer, x: torch.Tensor, selection: AdapterSelection, *args: Any, **k
     where = type(layer).__name__
     routed, losses = {}, []
     for adapter in in_batch:
-        if layer.configs[adapter].router_granularity == "linear":
+        if layer.configs[adapter].router_granularity == "linear" or adapter in layer.plain_adapters:
             rows = selection.rows(adapter, batch, x.device, where)
             routing, loss = _route(layer, adapter, x3, rows, selection)
             routed[adapter] = (rows, routing)

@@ -17,6 +17,7 @@ class Routing(NamedTuple):
     logits:  [T, E'] float32 router logits over all E' choices (real + null experts); for the losses
     probs:   [T, E'] float32 softmax (or sigmoid for SMoRA) of the logits
     choice:  [T, k] long, the raw pick over E' choices before null experts were mapped to -1
+    groups:  [T] long, each token's modality group (MoMa expert groups), None without groups
     """
 
     idx: torch.Tensor
@@ -24,6 +25,7 @@ class Routing(NamedTuple):
     logits: torch.Tensor
     probs: torch.Tensor
     choice: Optional[torch.Tensor] = None
+    groups: Optional[torch.Tensor] = None
 
 
 class Float32Buffers(nn.Module):

@@ -23,6 +23,11 @@ class TopKRouter(nn.Module):
       first whose cumulative probability exceeds top_p, at most k of them; weights are the raw p.
     * eval_routing="dense": in eval mode every real expert is mixed with weight p (renormalized over the
       real experts when there are null experts).
+    * modality groups (MoMa; `group_sizes`, the experts per group in bank order): a token of group g sees
+      only its group's logits (the others are set to -inf before the softmax), so the softmax, top-k,
+      top-p and dense mixing all run within the group, and the indices are global into the one bank. The
+      router of group g is rows [offset_g, offset_g + n_g) of the router linear: the same parameters as one
+      router per group (a masked logit passes no gradient to its row).
     """
 
     def __init__(
@@ -35,6 +40,7 @@ class TopKRouter(nn.Module):
         top_p: float | None = None,
         top1_weight: str = "straight_through",
         eval_routing: str = "topk",
+        group_sizes: tuple[int, ...] | None = None,
     ):
         super().__init__()
         self.num_experts = num_experts
@@ -45,9 +51,29 @@ class TopKRouter(nn.Module):
         self.eval_routing = eval_routing
         self.linear = new_router_linear(in_features, num_experts, bias=bias)
         self.null = new_router_linear(in_features, num_null_experts, bias=False) if num_null_experts else None
+        self.group_sizes = tuple(group_sizes) if group_sizes else None
+        if self.group_sizes is not None:
+            if sum(self.group_sizes) != num_experts or num_null_experts:
+                raise ValueError(f"group_sizes={group_sizes} must sum to num_experts={num_experts}, without nulls.")
+            group_of_expert = torch.repeat_interleave(torch.arange(len(self.group_sizes)), torch.tensor(group_sizes))
+            # [G, n] membership; not saved: it follows from the config
+            self.register_buffer(
+                "membership", group_of_expert.unsqueeze(0) == torch.arange(len(self.group_sizes)).unsqueeze(1),
+                persistent=False,
+            )  # fmt: skip
 
-    def forward(self, x: torch.Tensor) -> Routing:
+    def forward(self, x: torch.Tensor, groups: torch.Tensor | None = None) -> Routing:
+        """x [T, in]; groups [T] long, each token's modality group (required with group_sizes)."""
         logits = float32_linear(self.linear, x)  # [T, n]
+        allowed = None
+        if self.group_sizes is not None:
+            if groups is None or groups.shape != x.shape[:1]:
+                raise ValueError(
+                    f"this router has modality groups {self.group_sizes} and needs each token's group ([{x.shape[0]}]), "
+                    f"got {None if groups is None else tuple(groups.shape)}."
+                )
+            allowed = self.membership.to(x.device)[groups]  # [G, n] gathered by [T] -> [T, n]
+            logits = logits.masked_fill(~allowed, float("-inf"))  # out-of-group experts: probability 0, no gradient
         if self.null is not None:
             logits = torch.cat([logits, float32_linear(self.null, x)], dim=-1)  # [T, n + m]
         probs = logits.softmax(dim=-1)  # [T, n + m]
@@ -58,10 +84,12 @@ class TopKRouter(nn.Module):
             weights = probs[:, :n]  # [T, n]
             if self.null is not None:  # the softmax also covers the m null slots: renormalize over the real ones
                 weights = weights / weights.sum(dim=-1, keepdim=True)
-            return Routing(idx=idx, weights=weights, logits=logits, probs=probs, choice=idx)
+            if allowed is not None:  # another group's expert is an empty slot, not a zero-weight pick
+                idx = torch.where(allowed, idx, -1)  # [T, n]
+            return Routing(idx=idx, weights=weights, logits=logits, probs=probs, choice=idx, groups=groups)
 
         if self.top_p is not None:
-            return self._top_p(logits, probs)
+            return _within_groups(self._top_p(logits, probs), allowed, groups)
 
         top_p, choice = probs.topk(self.top_k, dim=-1)  # [T, k]
         real = choice < n  # [T, k]
@@ -77,7 +105,7 @@ class TopKRouter(nn.Module):
             weights = kept / kept.sum(dim=-1, keepdim=True).clamp_min(1e-9)  # all-null rows stay 0
         else:
             weights = top_p / top_p.sum(dim=-1, keepdim=True)
-        return Routing(idx=idx, weights=weights, logits=logits, probs=probs, choice=choice)
+        return _within_groups(Routing(idx, weights, logits, probs, choice), allowed, groups)
 
     def _top_p(self, logits: torch.Tensor, probs: torch.Tensor) -> Routing:
         sorted_p, order = probs.sort(dim=-1, descending=True)  # [T, n]
@@ -87,3 +115,16 @@ class TopKRouter(nn.Module):
         idx = torch.where(keep, order, torch.full_like(order, -1))  # [T, k]
         weights = sorted_p * keep  # raw p, not renormalized
         return Routing(idx=idx, weights=weights, logits=logits, probs=probs, choice=torch.where(keep, order, -1))
+
+
+def _within_groups(routing: Routing, allowed: torch.Tensor | None, groups: torch.Tensor | None) -> Routing:
+    """Drop any pick outside the token's group (index -1, weight 0). top_k never exceeds the smallest group, so
+    this only acts when a group expert's probability underflows to exactly 0 and ties with the masked ones."""
+    if allowed is None:
+        return routing
+    safe = routing.idx.clamp_min(0)  # [T, k]
+    inside = allowed.gather(1, safe) & (routing.idx >= 0)  # [T, n] gathered by [T, k] -> [T, k]
+    choice = routing.choice if routing.choice is None else torch.where(inside, routing.choice, -1)
+    return routing._replace(  # Routing is a NamedTuple (immutable)
+        idx=torch.where(inside, routing.idx, -1), weights=routing.weights * inside, choice=choice, groups=groups
+    )

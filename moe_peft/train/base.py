@@ -13,7 +13,7 @@ import torch
 
 from ..data import DEFAULT_TASKS, make_samples
 from ..tiny import char_tokenizer, tiny_llama, tiny_moe
-from .config import TinyBaseConfig
+from .config import LLAVA_ARCHS, TinyBaseConfig
 from .data import tokenize_example
 
 BASE_ALPHABET = "abcdefghijklmnopqrstuvwx"  # the letters a tiny Llama base learns (bundled tasks use a-j)
@@ -32,13 +32,23 @@ def tiny_arch(config: TinyBaseConfig, method: str) -> str:
 def tiny_base_path(config: TinyBaseConfig, method: str) -> str:
     """The tiny base's directory: built and trained on first use, then reused (the key covers every setting)."""
     arch = tiny_arch(config, method)
+    if arch in LLAVA_ARCHS:
+        from ..llava.data import BASE_TASKS
+        from ..llava.pretrain import pretrain_tiny_llava
+
+        # keyed by its settings and the thread count in the directory name (moe_peft.llava.pretrain)
+        return pretrain_tiny_llava(
+            os.path.join(cache_root(), "llava"), arch, steps=config.pretrain_steps, seed=config.seed,
+            tasks=tuple(config.pretrain_tasks or BASE_TASKS), batch_size=config.pretrain_batch_size,
+            lr=config.pretrain_lr if config.pretrain_lr is not None else 1e-3,
+        )  # fmt: skip
     tasks = list(config.pretrain_tasks or (DEFAULT_TASKS if arch != "llama" else LLAMA_TASKS))
     alphabet = config.pretrain_alphabet or (BASE_ALPHABET if arch == "llama" else MOE_ALPHABET)
     settings = {
         "arch": arch,
         "steps": config.pretrain_steps,
         "batch": config.pretrain_batch_size,
-        "lr": config.pretrain_lr,
+        "lr": config.pretrain_lr if config.pretrain_lr is not None else 3e-3,
         "tasks": tasks,
         "alphabet": alphabet,
         "hidden": config.hidden_size,
@@ -68,8 +78,9 @@ def _build_tiny_base(path: str, arch: str, tasks: list[str], alphabet: str, conf
     if steps:
         torch.manual_seed(config.seed)
         samples = make_samples(steps * batch_size, tasks, seed=config.seed, alphabet=alphabet)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config.pretrain_lr)
-        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.pretrain_lr, total_steps=steps, pct_start=0.1)
+        lr = config.pretrain_lr if config.pretrain_lr is not None else 3e-3
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.1)
         model.train()
         for step in range(steps):
             batch = _batch(samples[step * batch_size : (step + 1) * batch_size], tokenizer)

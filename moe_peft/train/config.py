@@ -78,6 +78,10 @@ class StatsConfig:
             raise ConfigError(f"stats.samples={self.samples!r} is invalid: use a positive integer.")
 
 
+LLAVA_ARCHS = ("llava", "llava_next")
+TINY_ARCHS = ("llama", "mixtral", "olmoe", "qwen3_moe", *LLAVA_ARCHS)
+
+
 @dataclass
 class TinyBaseConfig:
     """The `tiny:` block: the base model of `model: tiny`, built from a config and trained in full on bundled tasks
@@ -85,10 +89,14 @@ class TinyBaseConfig:
     ~/.cache/moe_peft) and reused by every later run with the same settings.
 
     Args:
-        arch: "llama", or a sparse MoE ("mixtral", "olmoe", "qwen3_moe"; RoMA needs one); null: llama, mixtral for RoMA.
-        pretrain_steps / pretrain_batch_size / pretrain_lr: the full training of the base.
+        arch: "llama", or a sparse MoE ("mixtral", "olmoe", "qwen3_moe"; RoMA needs one), or a tiny LLaVA / LLaVA-NeXT
+            ("llava", "llava_next": trained on the bundled image tasks, moe_peft.llava.pretrain, sizes in its TINY);
+            null: llama, mixtral for RoMA.
+        pretrain_steps / pretrain_batch_size / pretrain_lr: the full training of the base (pretrain_lr null: 3e-3,
+            1e-3 for a LLaVA).
         pretrain_tasks: its bundled tasks; null: cpy and dup (llama: the adapters then learn new tasks), or the
-            default tasks (MoE, for RoMA, whose router tuning needs a base that already gets samples right).
+            default tasks (MoE, for RoMA, whose router tuning needs a base that already gets samples right), or
+            caption and add (LLaVA: moe_peft.llava.BASE_TASKS).
         pretrain_alphabet: the letters of its samples; null: a-x for llama (every letter the bundled tasks use),
             a-j for a MoE (the bundled tasks' own letters, as in examples/roma_router_tuning.py).
         hidden_size, num_layers: its size; seed: its initialization and data.
@@ -97,7 +105,7 @@ class TinyBaseConfig:
     arch: Optional[str] = None
     pretrain_steps: int = 300
     pretrain_batch_size: int = 32
-    pretrain_lr: float = 3e-3
+    pretrain_lr: Optional[float] = None
     pretrain_tasks: Optional[list[str]] = None
     pretrain_alphabet: Optional[str] = None
     hidden_size: int = 64
@@ -105,8 +113,13 @@ class TinyBaseConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.arch not in (None, "llama", "mixtral", "olmoe", "qwen3_moe"):
-            raise ConfigError(f"tiny.arch={self.arch!r} is invalid: use llama, mixtral, olmoe, qwen3_moe or null.")
+        if self.arch not in (None, *TINY_ARCHS):
+            raise ConfigError(f"tiny.arch={self.arch!r} is invalid: use {', '.join(TINY_ARCHS)} or null.")
+        if self.arch in LLAVA_ARCHS and (self.hidden_size, self.num_layers, self.pretrain_alphabet) != (64, 2, None):
+            raise ConfigError(
+                f"tiny.hidden_size / tiny.num_layers / tiny.pretrain_alphabet are fixed for tiny.arch={self.arch!r} "
+                "(64, 2 and the image tasks' words: moe_peft.llava.pretrain.TINY): remove them."
+            )
         if not isinstance(self.pretrain_steps, int) or self.pretrain_steps < 0:
             raise ConfigError(f"tiny.pretrain_steps={self.pretrain_steps!r} is invalid: use an integer >= 0.")
 

@@ -22,9 +22,10 @@ from typing import Optional
 
 import torch
 
-from .base import load_model, load_tokenizer, resolve_base
-from .config import ConfigError, RunConfig, method_config_class
+from .base import load_model, load_tokenizer, resolve_base, tiny_arch
+from .config import LLAVA_ARCHS, ConfigError, RunConfig, method_config_class
 from .data import DataConfig, DataError, UserData, load_data
+from .llava import is_llava, train_llava
 
 TASKS_FILE = "tasks.json"
 
@@ -83,18 +84,27 @@ def _trainer(config: RunConfig, base: str, train_dataset, tokenizer, peft_config
         routing_stats=stats,
         routing_stats_per_layer=config.stats.log_per_layer,
     )
+    _trainer_callbacks(trainer)
+    return trainer
+
+
+def _trainer_callbacks(trainer) -> None:
+    """The progress bar without the per-layer routing keys."""
     plain, quiet = _progress_without_layers()
     if any(isinstance(c, plain) for c in trainer.callback_handler.callbacks):
         trainer.remove_callback(plain)
         trainer.add_callback(quiet)
-    return trainer
+
+
+def _write_tasks(path: str, tasks: list[str]) -> None:
+    with open(os.path.join(path, TASKS_FILE), "w") as f:
+        json.dump(tasks, f)
 
 
 def _save_adapter(model, tokenizer, tasks: list[str], path: str) -> None:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
-    with open(os.path.join(path, TASKS_FILE), "w") as f:
-        json.dump(tasks, f)
+    _write_tasks(path, tasks)
 
 
 def _stats_rows(config: RunConfig, data: UserData, log: Callable):
@@ -154,10 +164,13 @@ def train_from_config(config: RunConfig, log: Callable = print) -> TrainRun:
     start = time.perf_counter()
     try:
         base = resolve_base(config.model, config.method, config.tiny)
+        arch = tiny_arch(config.tiny, config.method)
         if config.model == "tiny":
-            log(
-                f"base: the bundled tiny {config.tiny.arch or ('mixtral' if config.method == 'roma' else 'llama')} ({base})"
-            )
+            log(f"base: the bundled tiny {arch} ({base})")
+        if (arch in LLAVA_ARCHS) if config.model == "tiny" else is_llava(base):
+            output_dir = _sft_config(config).output_dir
+            model, paths, losses = train_llava(config, base, output_dir, log)
+            return TrainRun(paths, losses, time.perf_counter() - start)
         tokenizer = load_tokenizer(base)
         data = load_data(config.data, log=log)
         log(f"data: {len(data.dataset)} rows from {data.source}" + (f", tasks {data.tasks}" if data.tasks else ""))
