@@ -1,6 +1,6 @@
 """RoMA router tuning against plain router fine-tuning (the paper's ablation), measured.
 
-    python examples/roma_router_tuning.py                          # tiny Mixtral + bundled data, ~30 s on 2 CPU cores
+    python examples/roma_router_tuning.py                          # tiny Mixtral + bundled data, one torch thread
     python examples/roma_router_tuning.py --arch olmoe             # tiny OLMoE instead
     python examples/roma_router_tuning.py --model /path/to/OLMoE-1B-7B-0125-Instruct --data train.jsonl \
         --test-data test.jsonl                                      # a real checkpoint (jsonl rows: prompt, completion)
@@ -29,7 +29,7 @@ from peft import get_peft_model
 from transformers import AutoModelForCausalLM, TrainingArguments
 
 import moe_peft  # noqa: F401  (registers the methods with PEFT)
-from moe_peft.data import DEFAULT_TASKS, CharTokenizer, Collator, make_dataset, make_samples, tokenize_sample
+from moe_peft.data import CharTokenizer, Collator, make_samples, tokenize_rows
 from moe_peft.roma import (
     RoMAConfig,
     RoMATrainer,
@@ -37,8 +37,7 @@ from moe_peft.roma import (
     exact_match_success,
     task_embeddings,
 )
-from moe_peft.roma.embeddings import encode_text
-from moe_peft.tiny import tiny_moe
+from moe_peft.tiny import pretrain_tiny_moe
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -57,54 +56,6 @@ def load_config(path: str) -> tuple[dict, dict]:
         if bad:
             raise ValueError(f"{path}: {bad} are not {cls.__name__} fields.")
     return roma, training
-
-
-def pretrain_tiny(arch: str, tokenizer: CharTokenizer, steps: int, out_dir: str, seed: int) -> str:
-    """A tiny MoE model trained in full on the bundled tasks: good at some samples, not all (cached)."""
-    path = os.path.join(out_dir, f"base-{arch}-{steps}-{seed}")
-    if os.path.exists(os.path.join(path, "config.json")):
-        return path
-    model = tiny_moe(
-        arch,
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=64,
-        num_layers=4,
-        num_experts=8,
-        top_k=2,
-        intermediate_size=128,
-        seed=seed,
-    )
-    data = make_dataset(steps * 32, tasks=DEFAULT_TASKS, seed=seed, tokenizer=tokenizer)
-    loader = torch.utils.data.DataLoader(
-        data.remove_columns(["task", "prompt", "completion", "sample_type"]),
-        batch_size=32,
-        shuffle=True,
-        collate_fn=Collator(tokenizer),
-    )
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.1)
-    model.train()
-    for step, batch in enumerate(loader):
-        if step == steps:
-            break
-        model(**batch).loss.backward()
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-    model.eval().save_pretrained(path)
-    return path
-
-
-def tokenize_rows(samples: list[dict], tokenizer) -> list[dict]:
-    """prompt + completion + EOS, loss on the completion only."""
-    if isinstance(tokenizer, CharTokenizer):
-        return [{**s, **tokenize_sample(s, tokenizer)} for s in samples]
-    rows = []
-    for s in samples:
-        prompt = encode_text(tokenizer, s["prompt"])
-        answer = tokenizer(s["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        rows.append({**s, "input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer})
-    return rows
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -140,7 +91,14 @@ def main() -> None:
     parser.add_argument("--test-samples", type=int, default=256)
     parser.add_argument("--steps", type=int, default=None, help="override training.max_steps")
     parser.add_argument("--out", default="out/roma")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: fastest for tiny models; the README's numbers)",
+    )
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=FutureWarning)
     t_start = time.perf_counter()
     roma_fields, training_fields = load_config(args.config)
@@ -150,7 +108,7 @@ def main() -> None:
 
     if args.model is None:
         tokenizer = CharTokenizer()
-        base_path = pretrain_tiny(args.arch, tokenizer, args.pretrain_steps, args.out, seed)
+        base_path = pretrain_tiny_moe(args.arch, tokenizer, args.pretrain_steps, args.out, seed)
         print(f"base: tiny {args.arch} pretrained for {args.pretrain_steps} steps ({base_path})")
     else:
         from transformers import AutoTokenizer

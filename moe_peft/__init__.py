@@ -7,9 +7,11 @@
 Importing this package registers the methods with PEFT (once; see _registration.py).
 """
 
-from . import mhr, phatgoose
+from . import experts, mhr, multi_lora, phatgoose
 from ._registration import forward_task_ids, register_methods
+from .accumulation import accumulation_weight
 from .config import LoRAMoEConfig, MoELoraConfig, MoLEConfig, SMoRAConfig
+from .experts import import_lora_adapter
 from .mhr import MHRConfig, MHRModel, import_poly_adapter
 from .model import (
     LoRAMoEModel,
@@ -53,11 +55,15 @@ __all__ = [
     "MHRModel",
     "PhatgooseModel",
     "import_poly_adapter",
+    "import_lora_adapter",
+    "experts",
     "mhr",
+    "multi_lora",
     "phatgoose",
     "RoMAModel",
     "apply_lora_experts",
     "router_loss",
+    "accumulation_weight",
     "routing_stats",
     "update_router_biases",
 ]

@@ -15,39 +15,62 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--batch-size", type=int, default=32)
     demo.add_argument("--lr", type=float, default=3e-3)
     demo.add_argument("--seed", type=int, default=0)
-    bench = sub.add_parser("bench", help="benchmarks that compare against baselines run in the same process")
-    benches = bench.add_subparsers(dest="what", required=True)
-    ops = benches.add_parser("ops", help="the routed-LoRA op vs PEFT LoRA, loops and einsums")
-    ops.add_argument("--grid", choices=["default", "full"], default="default")
-    ops.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    ops.add_argument("--reps", type=int, default=None)
-    quality = benches.add_parser(
-        "quality", help="do the mixtures beat LoRA at the same trainable-parameter budget? (docs/quality.md)"
+    demo.add_argument(
+        "--threads", type=int, default=1, help="torch threads (default 1: the fastest for a tiny model, reproducible)"
     )
-    quality.add_argument("--out", default="out/quality", help="results.jsonl, summary.csv/.md, quality.png")
-    quality.add_argument("--quick", action="store_true", help="one seed, one lr, fewer steps: minutes")
-    quality.add_argument("--methods", default=None, help="comma-separated method names (default: all)")
-    quality.add_argument("--cache", default=None, help="where the pre-trained base is cached")
-    quality.add_argument("--fresh", action="store_true", help="rerun every run instead of reusing results.jsonl")
-    quality.add_argument("--threads", type=int, default=1, help="torch threads (tiny models: 1 is fastest)")
+    bench = sub.add_parser("bench", help="benchmarks that print ratios against baselines run in the same process")
+    bench.add_argument(
+        "what",
+        choices=["ops", "experts", "multi", "quality"],
+        help="ops: the routed-LoRA op vs PEFT LoRA, loops and einsums; experts: LoRA on an MoE block's fused "
+        "experts vs PEFT's target_parameters (time and peak memory); multi: many adapters in one batch vs PEFT's "
+        "mixed batch and per-adapter sub-batches; quality: do the mixtures beat LoRA at the same trainable-parameter "
+        "budget on conflicting tasks (docs/quality.md)",
+    )
+    bench.add_argument("--grid", choices=["default", "full"], default="default", help="ops only")
+    bench.add_argument("--adapters", type=int, nargs="+", default=None, help="multi only: adapter counts (2 8 32)")
+    bench.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    bench.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    bench.add_argument("--reps", type=int, default=None)
+    bench.add_argument("--out", default="out/quality", help="quality only: results.jsonl, summary.csv/.md, quality.png")
+    bench.add_argument("--quick", action="store_true", help="quality only: one seed, one lr, fewer steps (minutes)")
+    bench.add_argument("--methods", default=None, help="quality only: comma-separated method names (default: all)")
+    bench.add_argument("--cache", default=None, help="quality only: where the pre-trained base is cached")
+    bench.add_argument("--fresh", action="store_true", help="quality only: rerun instead of reusing results.jsonl")
     args = parser.parse_args(argv)
 
     if args.command == "demo":
         from .demo import run_demo
 
-        run_demo(out_dir=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-    elif args.command == "bench" and args.what == "ops":
-        from .bench import bench_ops
-
-        bench_ops(grid=args.grid, device=args.device, reps=args.reps)
-    elif args.command == "bench" and args.what == "quality":
-        from .bench.quality import bench_quality
-
-        methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
-        bench_quality(
-            out_dir=args.out, quick=args.quick, methods=methods, cache_dir=args.cache, fresh=args.fresh,
+        run_demo(
+            out_dir=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
             threads=args.threads,
         )  # fmt: skip
+    elif args.command == "bench":
+        import torch
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        if args.what == "quality":
+            from .bench.quality import bench_quality
+
+            methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
+            bench_quality(
+                out_dir=args.out, quick=args.quick, methods=methods, cache_dir=args.cache, fresh=args.fresh,
+                threads=args.threads or 1,
+            )  # fmt: skip
+        elif args.what == "experts":
+            from .bench import bench_experts
+
+            bench_experts(device=args.device, reps=args.reps)
+        elif args.what == "ops":
+            from .bench import bench_ops
+
+            bench_ops(grid=args.grid, device=args.device, reps=args.reps)
+        else:
+            from .bench import bench_multi
+
+            bench_multi(device=args.device, reps=args.reps, adapters=args.adapters)
     return 0
 
 

@@ -13,6 +13,7 @@ from typing import Literal, Optional, Union
 from peft.config import PeftConfig
 
 from ._registration import ensure_peft_type
+from .losses import LBC_FORMS
 from .ops import BACKENDS
 
 ROUTER_GRANULARITIES = ("linear", "block")
@@ -31,6 +32,9 @@ class MoELoraConfig(PeftConfig):
         lora_alpha: LoRA scaling numerator; an expert's delta is scaled by `lora_alpha / r`.
         lora_dropout: dropout on the experts' input (the router always sees the undropped input).
         target_modules: names (suffix match) or a regex of the `nn.Linear` modules to adapt.
+        target_parameters: fused 3-D expert parameters of a transformers MoE model to adapt (PEFT's matching,
+            e.g. ["experts.gate_up_proj", "experts.down_proj"]): one LoRA of rank r, scaling lora_alpha / r, per
+            base expert, routed by the base model's own router (moe_peft/experts/, docs/methods.md).
         exclude_modules: names or a regex of modules never to adapt.
         num_experts: experts per routed layer.
         top_k: experts chosen per token.
@@ -64,7 +68,7 @@ class MoELoraConfig(PeftConfig):
         default=None, metadata={"help": "Modules trained in full and saved with the adapter."}
     )
     target_parameters: Optional[list[str]] = field(
-        default=None, metadata={"help": "Not supported yet: fused 3-D expert parameters come in a later release."}
+        default=None, metadata={"help": "Fused 3-D expert parameters: a LoRA per base expert, the base routing."}
     )
     num_experts: int = field(default=4, metadata={"help": "LoRA experts per routed layer."})
     top_k: int = field(default=1, metadata={"help": "Experts chosen per token."})
@@ -114,12 +118,13 @@ class MoELoraConfig(PeftConfig):
             raise _bad("router_granularity", self.router_granularity, f"use one of {ROUTER_GRANULARITIES}.")
         if self.kernel_backend not in BACKENDS:
             raise _bad("kernel_backend", self.kernel_backend, f"use one of {BACKENDS}.")
-        if self.target_parameters:
+        if self.target_parameters is not None and (
+            isinstance(self.target_parameters, str) or not all(isinstance(t, str) and t for t in self.target_parameters)
+        ):
             raise _bad(
                 "target_parameters",
                 self.target_parameters,
-                "targeting fused 3-D expert parameters is not supported yet; target nn.Linear modules with "
-                "target_modules instead.",
+                'use a list of parameter names, e.g. ["experts.gate_up_proj", "experts.down_proj"].',
             )
 
     def _num_null_experts(self) -> int:
@@ -140,6 +145,7 @@ class MoLEConfig(MoELoraConfig):
             (what LLaVA-MoLE's released inference does).
         router_bias: the router linear has a bias (LLaVA-MoLE: yes).
         num_null_experts: AdaMoE null experts that output zero; top_k then counts real and null picks.
+        top_k: experts per token; with top_p, the most a token may get. Unset: 1, or num_experts with top_p.
         top_p: if set, keep the most probable experts until their cumulative probability exceeds top_p
             ("Harder Tasks Need More Experts"), capped at top_k; weights are the raw probabilities.
         router_entropy_loss_coef: weight of the mean router entropy (used with top_p).
@@ -151,6 +157,9 @@ class MoLEConfig(MoELoraConfig):
     top1_weight: Literal["straight_through", "prob"] = field(
         default="straight_through", metadata={"help": "How a top-1 pick weights its expert."}
     )
+    top_k: Optional[int] = field(
+        default=None, metadata={"help": "Experts per token (unset: 1; with top_p: num_experts, the cap)."}
+    )
     eval_routing: Literal["topk", "dense"] = field(default="topk", metadata={"help": "Routing in eval mode."})
     router_bias: bool = field(default=True, metadata={"help": "Router linear has a bias."})
     num_null_experts: int = field(default=0, metadata={"help": "AdaMoE null experts (output zero)."})
@@ -158,6 +167,11 @@ class MoLEConfig(MoELoraConfig):
     router_entropy_loss_coef: float = field(default=0.0, metadata={"help": "Router entropy loss weight."})
 
     _method = "MOLE"
+
+    def __post_init__(self):
+        if self.top_k is None:  # top-p caps at top_k: with top_k=1 it would be plain top-1 routing
+            self.top_k = self.num_experts if self.top_p is not None and isinstance(self.num_experts, int) else 1
+        super().__post_init__()
 
     def _num_null_experts(self) -> int:
         return self.num_null_experts if isinstance(self.num_null_experts, int) else 0
@@ -172,6 +186,13 @@ class MoLEConfig(MoELoraConfig):
             raise _bad("num_null_experts", self.num_null_experts, "use an integer >= 0.")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise _bad("top_p", self.top_p, "use a probability in (0, 1], or None for plain top-k routing.")
+        if self.top_p is not None and self.top_k == 1 and self.num_experts > 1:
+            raise _bad(
+                "top_k",
+                self.top_k,
+                "with top_p set, top_k is the most experts a token may get, so top_k=1 is plain top-1 routing; "
+                "leave top_k unset (the cap is then num_experts) or set top_k >= 2.",
+            )
         if self.top_p is not None and self.num_null_experts:
             raise _bad("top_p", self.top_p, "top-p routing and null experts cannot be combined; drop one of them.")
         if self.router_entropy_loss_coef < 0:
@@ -187,7 +208,10 @@ class LoRAMoEConfig(MoELoraConfig):
     Args:
         blc_alpha: delta of the LBC coefficient matrix I (1 + delta in a sample's half, 1 - delta outside).
         blc_weight: weight of the LBC loss. The released script sets both to 0 (constraint off); our
-            defaults (0.1, 0.1) turn it on.
+            defaults (0.1, 0.1) turn it on. With it on, num_experts must be even (two equal halves).
+        blc_form: "intended" (default): the squared coefficient of variation of Q / I, zero when a sample's own
+            half gets (1 + delta) / (1 - delta) times the other's importance; "released": of I * Q, as the
+            released code computes it, which leaves the own half the smaller share (docs/methods.md).
     """
 
     num_experts: int = field(default=8, metadata={"help": "Experts per linear (released: 8)."})
@@ -197,6 +221,9 @@ class LoRAMoEConfig(MoELoraConfig):
     router_aux_loss_coef: float = field(default=0.0, metadata={"help": "Switch balance loss (off: LoRAMoE uses LBC)."})
     blc_alpha: float = field(default=0.1, metadata={"help": "LBC delta."})
     blc_weight: float = field(default=0.1, metadata={"help": "LBC loss weight."})
+    blc_form: Literal["intended", "released"] = field(
+        default="intended", metadata={"help": "'intended': CV^2 of Q / I (own half larger); 'released': of I * Q."}
+    )
 
     _method = "LORAMOE"
 
@@ -217,6 +244,15 @@ class LoRAMoEConfig(MoELoraConfig):
             raise _bad("blc_alpha", self.blc_alpha, "use a value in [0, 1).")
         if self.blc_weight < 0:
             raise _bad("blc_weight", self.blc_weight, "use a value >= 0 (0 disables the constraint).")
+        if self.blc_form not in LBC_FORMS:
+            raise _bad("blc_form", self.blc_form, f"use one of {LBC_FORMS} (docs/methods.md, LoRAMoE).")
+        if self.blc_weight > 0 and self.num_experts % 2:
+            raise _bad(
+                "num_experts",
+                self.num_experts,
+                "the localized balancing constraint splits the experts into two equal halves (world knowledge, "
+                "downstream task); use an even num_experts, or blc_weight=0 to turn the constraint off.",
+            )
 
 
 @dataclass

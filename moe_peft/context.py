@@ -1,17 +1,21 @@
 """Per-batch routing inputs shared by a tuner and its layers, and the plumbing that makes router losses
 reach the gradient in every training setup.
 
-Why not just add the router loss to `outputs.loss`? Under reentrant gradient checkpointing
-(`use_reentrant=True`, the default of many stacks) the first forward runs under `no_grad`, so a loss
-stashed during it has no graph, and the router gets no gradient from it. Instead:
+A forward run with gradients enabled reports each routed layer's weighted loss with its own graph:
+`outputs.router_loss` (and `moe_peft.router_loss(model)`) is their mean over the routed layers, and
+`router_loss.backward()` on its own reaches the routers.
 
-* each routed layer attaches its weighted loss to a tensor on the forward path with
+Under reentrant gradient checkpointing (`use_reentrant=True`, the default of many stacks) the first
+forward runs under `no_grad`, so a layer's loss has no graph then; the layer is recomputed in backward,
+after the forward has returned. For those layers:
+
+* the layer, recomputed, attaches its weighted loss to a tensor on the forward path with
   `attach_router_loss` (identity forward); in backward it hands the loss a gradient equal to the
-  gradient that reached the reported router loss (`loss_grad_scale`). Recomputed checkpoint segments
-  re-attach it, so it works with and without checkpointing;
+  gradient that reached the reported router loss (`loss_grad_scale`);
 * the tuner reports `router_loss = value + probe`, where `probe` is a zero-valued scalar whose backward
   records d(total)/d(router_loss) into the context. It runs first in backward (highest sequence
-  number), so gradient accumulation's 1/N and fp16 loss scaling apply to router losses as to the task loss.
+  number), so gradient accumulation's 1/N and fp16 loss scaling apply to these losses as to the others.
+  This path needs a total loss whose backward runs through the model (the task loss does).
 
 A loss that does not include `router_loss` gives the routers no auxiliary gradient at all.
 """
@@ -35,28 +39,65 @@ class RoutingContext:
         self.sample_types: Optional[torch.Tensor] = None  # [B]
         self.loss_grad_scale: Optional[torch.Tensor] = None  # 0-d, set in backward by the probe
         self.forward_id: int = 0
-        self.last_router_loss: Optional[torch.Tensor] = None  # what the tuner reported for the latest forward
+        # True between the root model's pre-hook and its forward hook: a layer run then (with grad enabled)
+        # reports its loss with its graph; one run outside (a reentrant checkpoint recompute) attaches it
+        self.in_forward: bool = False
+        self.last_router_loss: Optional[torch.Tensor] = None  # the latest forward run with grad enabled
         self.sticky_sample_types: Optional[torch.Tensor] = None  # held for every step of a generate() call
+        # per-sample adapters of a mixed batch (`adapter_names`), set by moe_peft.multi_lora's root pre-hook
+        self.adapter_selection = None
 
     def start_forward(self, attention_mask=None, sample_types=None) -> None:
-        self.attention_mask = attention_mask
+        self.attention_mask = padding_mask(attention_mask)
         self.sample_types = sample_types
         self.loss_grad_scale = None
         self.forward_id += 1
+        self.in_forward = True
 
     def token_mask(self, lead_shape: torch.Size) -> Optional[torch.Tensor]:
         """Flattened [T] bool mask of non-padding tokens for a layer input with leading dims lead_shape.
 
         With a KV cache the layers see only the last S positions of the [B, S_total] mask.
-        Returns None (all tokens count) when no mask applies to this shape.
+        Returns None (all tokens count) when no mask applies to this shape: no mask, or a layer whose input
+        is not the text sequence (e.g. a vision tower's [images, patches]).
         """
         mask = self.attention_mask
-        if mask is None or mask.dim() != 2 or len(lead_shape) != 2:
+        if mask is None or len(lead_shape) != 2:
             return None
         batch, seq = lead_shape
         if mask.shape[0] != batch or mask.shape[1] < seq:
             return None
-        return mask[:, -seq:].reshape(-1).bool()  # [B, S] -> [T]
+        return mask[:, -seq:].reshape(-1)  # [B, S] -> [T]
+
+
+def padding_mask(attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The [B, S] bool mask of real (non-padding) tokens carried by a forward's `attention_mask`.
+
+    [B, S] (the usual padding mask): nonzero is a real token. [B, Sq, Sk] or [B, H, Sq, Sk] (a custom or packed
+    attention mask, as transformers accepts): a query token is real when it attends to itself, its diagonal
+    entry (key Sk - Sq + i for query i, so a KV cache works) being True, nonzero for an integer mask, or not
+    masked (above half the dtype's minimum) for an additive float mask; padding rows must be fully masked.
+    Any other shape raises: silently counting padding in the router statistics is not an option.
+    """
+    if attention_mask is None:
+        return None
+    mask = attention_mask
+    if mask.dim() == 2:
+        return mask.bool()
+    if mask.dim() not in (3, 4):
+        raise ValueError(
+            f"attention_mask has shape {tuple(mask.shape)}; moe_peft reads the padding from a [batch, seq] mask "
+            "(or a [batch, seq, seq] / [batch, heads, seq, seq] attention mask): pass one of those."
+        )
+    if mask.dim() == 4:
+        mask = mask[:, 0]  # [B, H, Sq, Sk] -> [B, Sq, Sk]: the heads share the padding
+    queries, keys = mask.shape[-2], mask.shape[-1]
+    diag = torch.diagonal(mask, offset=keys - queries, dim1=-2, dim2=-1)  # [B, Sq]: query i vs its own key
+    if diag.dtype == torch.bool:
+        return diag
+    if diag.dtype.is_floating_point:
+        return diag > torch.finfo(diag.dtype).min / 2  # additive: 0 attends, -inf or the minimum masks
+    return diag != 0
 
 
 class _AttachRouterLoss(torch.autograd.Function):

@@ -132,6 +132,19 @@ def tokenize_sample(sample: dict, tokenizer: CharTokenizer) -> dict:
     return {"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer}
 
 
+def tokenize_rows(samples: list[dict], tokenizer) -> list[dict]:
+    """Each sample plus input_ids = prompt + completion + EOS and labels on the completion only, with moe-peft's
+    CharTokenizer or a transformers tokenizer (its usual special tokens before the prompt)."""
+    if isinstance(tokenizer, CharTokenizer):
+        return [{**s, **tokenize_sample(s, tokenizer)} for s in samples]
+    rows = []
+    for s in samples:
+        prompt = list(tokenizer(s["prompt"])["input_ids"])
+        answer = tokenizer(s["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        rows.append({**s, "input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer})
+    return rows
+
+
 def make_dataset(
     num_samples: int,
     tasks: Iterable[str] = DEFAULT_TASKS,

@@ -14,6 +14,7 @@ import os
 import time
 import warnings
 from collections import defaultdict
+from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -74,12 +75,21 @@ def expert_load_by_task(model, tokenizer, samples: list[dict]) -> dict[str, dict
 
 
 def run_demo(
-    out_dir: str = "out/demo", steps: int = 2000, batch_size: int = 32, lr: float = 3e-3, seed: int = 0
+    out_dir: str = "out/demo",
+    steps: int = 2000,
+    batch_size: int = 32,
+    lr: float = 3e-3,
+    seed: int = 0,
+    threads: Optional[int] = 1,
 ) -> dict:
+    """Train, save, reload, generate. threads: torch threads (1 by default: a tiny model gains nothing from
+    more, and one thread gives the same numbers on any machine); None leaves torch's setting."""
     from peft import PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notices between peft and transformers
+    if threads is not None:
+        torch.set_num_threads(threads)
     torch.manual_seed(seed)
     t_start = time.perf_counter()
     tokenizer = CharTokenizer()

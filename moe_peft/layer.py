@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from .config import MoELoraConfig
+from .config import MoELoraConfig, SMoRAConfig
 from .context import RoutingContext, attach_router_loss
 from .methods import RouterRecord, build_router, expert_bank_shape, is_mergeable, router_loss_and_stats
 from .ops import apply_lora_experts, linear_lora_experts
@@ -132,6 +132,10 @@ class MoELoraLinear(nn.Module, BaseTunerLayer):
         this layer owns, keep the decision for the block's layers, and return the loss to attach."""
         if self.disable_adapters or self.merged:
             return None
+        if self._routing_ctx.adapter_selection is not None:  # a mixed batch (adapter_names): moe_peft.multi_lora
+            from .multi_lora import moe as mixed
+
+            return mixed.route_block(self, hidden, self._routing_ctx.adapter_selection)
         lead_shape, x = hidden.shape[:-1], hidden.reshape(-1, hidden.shape[-1])  # [..., in] -> [T, in]
         total = None
         for adapter in self.active_adapters:
@@ -152,10 +156,13 @@ class MoELoraLinear(nn.Module, BaseTunerLayer):
         return total
 
     def _record(self, adapter: str, routing: Routing, lead_shape: torch.Size) -> Optional[torch.Tensor]:
+        """Record this layer's routing; return the loss to attach to the forward path, or None."""
         num_experts = self.experts_A[adapter].shape[0]
         loss, record = router_loss_and_stats(
             self.configs[adapter], routing, lead_shape, self._routing_ctx, num_experts, self.training
         )
+        if loss is not None and loss.requires_grad and self._routing_ctx.in_forward:
+            record.graph_loss, loss = loss, None  # the tuner reports it with its graph: nothing to attach
         self.router_records[adapter] = record
         return loss
 
@@ -174,6 +181,10 @@ class MoELoraLinear(nn.Module, BaseTunerLayer):
         return routing, None
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self._routing_ctx.adapter_selection is not None:  # a mixed batch (adapter_names): moe_peft.multi_lora
+            from .multi_lora import moe as mixed
+
+            return mixed.forward(self, x, self._routing_ctx.adapter_selection, *args, **kwargs)
         adapters = [a for a in self.active_adapters if a in self.experts_A]
         if self.disable_adapters or self.merged or not adapters or x.numel() == 0:
             return self.base_layer(x, *args, **kwargs)
@@ -216,10 +227,18 @@ class MoELoraLinear(nn.Module, BaseTunerLayer):
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         config = self.configs[adapter]
         if not is_mergeable(config):
+            if isinstance(config, SMoRAConfig):
+                what = (
+                    f"is a SMoRA adapter: every token activates its own top_k={config.top_k} of the r={config.r} "
+                    "ranks of its LoRA"
+                )
+                only = "a plain PEFT LoRA (LoraConfig) merges"
+            else:
+                what = f"routes every token to its own experts (num_experts={config.num_experts})"
+                only = "only a single-expert adapter (num_experts=1, no null experts) merges exactly"
             raise ValueError(
-                f"Adapter '{adapter}' routes every token to its own experts (num_experts={config.num_experts}), so "
-                "it is not one fixed weight and cannot be merged into the base layer. Keep it unmerged for "
-                "inference; only a single-expert adapter (num_experts=1, no null experts) merges exactly."
+                f"Adapter '{adapter}' {what}, so it is not one fixed weight and cannot be merged into the base "
+                f"layer. Keep it unmerged for inference; {only}."
             )
         a, b = self.experts_A[adapter], self.experts_B[adapter]
         return (b[0] @ a[0]) * self.scalings[adapter]  # [out, r] @ [r, in] -> [out, in]

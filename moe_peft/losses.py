@@ -37,22 +37,35 @@ def entropy(probs: torch.Tensor) -> torch.Tensor:
     return -(probs * probs.clamp_min(1e-9).log()).sum(dim=-1).mean()
 
 
-def localized_balance(
-    weights: torch.Tensor, token_mask: torch.Tensor, sample_types: torch.Tensor, delta: float
-) -> torch.Tensor:
-    """LoRAMoE's localized balancing constraint (LoRAMoE code, peft/tuners/lora.py).
+LBC_FORMS = ("intended", "released")
 
-    weights [B, S, N] dense routing weights, token_mask [B, S] (padding excluded, unlike the released
-    code), sample_types [B] (1: world knowledge -> first half of the experts; 0: task -> second half).
-    Q[b, i] = sum_t w_i; I[b, i] = 1 + delta in the sample's half else 1 - delta;
-    L = Var(I*Q) / (Mean(I*Q)^2 + 1e-10), torch's unbiased variance as in the released code.
+
+def localized_balance(
+    weights: torch.Tensor,
+    token_mask: torch.Tensor,
+    sample_types: torch.Tensor,
+    delta: float,
+    form: str = "intended",
+) -> torch.Tensor:
+    """LoRAMoE's localized balancing constraint (LBC; docs/methods.md, LoRAMoE).
+
+    weights [B, S, N] dense routing weights, token_mask [B, S] (padding excluded, unlike the released code),
+    sample_types [B] (1: world knowledge -> first half of the experts; 0: task -> second half).
+    Q[b, i] = sum_t w_i (importance); I[b, i] = 1 + delta in the sample's own half, else 1 - delta.
+    L = Var(Z) / (Mean(Z)^2 + 1e-10) over the B*N entries of Z, torch's unbiased variance (the released
+    code's squared coefficient of variation), with
+
+    * form="intended" (default): Z = Q / I. L is 0 when Q is proportional to I, so a sample's own half gets
+      (1 + delta) / (1 - delta) times the importance of the other half: what LoRAMoE means the constraint for.
+    * form="released": Z = I * Q, the released code (Ablustrund/LoRAMoE, peft/tuners/lora.py). L is 0 when
+      I * Q is flat, which gives the sample's own half the SMALLER share, (1 - delta) / (1 + delta).
     """
     num_experts = weights.shape[-1]
     importance = (weights * token_mask.unsqueeze(-1)).sum(dim=1)  # [B, S, N] -> [B, N]
     first_half = torch.arange(num_experts, device=weights.device) < num_experts // 2  # [N]
     in_group = torch.where(sample_types.unsqueeze(-1) == 1, first_half, ~first_half)  # [B, N]
     coef = torch.where(in_group, 1.0 + delta, 1.0 - delta)  # [B, N]
-    z = (coef * importance).flatten()  # [B*N]
+    z = (importance / coef if form == "intended" else coef * importance).flatten()  # [B*N]
     if z.numel() < 2:
         return z.sum() * 0.0
     return z.var() / (z.mean().pow(2) + 1e-10)

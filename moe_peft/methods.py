@@ -60,6 +60,9 @@ class RouterRecord:
     null_fraction: float  # fraction of (token, slot) pairs that hit a null expert (FLOPs saved)
     counts: torch.Tensor  # [E] picks per real expert (SMoRA's bias update reads these)
     num_tokens: int
+    experts_per_token: torch.Tensor  # 0-d, mean number of real experts per routed (non-padding) token
+    # the loss with its graph, from a forward run with grad enabled; the tuner takes it (and clears it)
+    graph_loss: Optional[torch.Tensor] = None
 
 
 def _masked(routing: Routing, mask: Optional[torch.Tensor]) -> Routing:
@@ -96,6 +99,7 @@ def router_loss_and_stats(
         null_fraction=float((~valid).sum()) / picks if getattr(config, "num_null_experts", 0) else 0.0,
         counts=counts.detach(),
         num_tokens=num_tokens,
+        experts_per_token=valid.sum() / max(num_tokens, 1),  # top-p and null experts make it vary
     )
     if not training or num_tokens == 0:
         return None, record
@@ -116,7 +120,8 @@ def router_loss_and_stats(
                 else torch.ones(lead_shape, dtype=torch.bool, device=routing.weights.device)
             )
             weights = routing.weights.view(*lead_shape, -1)  # [T, N] -> [B, S, N]
-            lbc = losses.localized_balance(weights, token_mask, ctx.sample_types.to(weights.device), config.blc_alpha)
+            types = ctx.sample_types.to(weights.device)
+            lbc = losses.localized_balance(weights, token_mask, types, config.blc_alpha, config.blc_form)
             terms.append(config.blc_weight * lbc)
     if not terms:
         return None, record

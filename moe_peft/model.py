@@ -3,15 +3,20 @@
 
 from __future__ import annotations
 
+import warnings
+import weakref
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from .accumulation import label_share
 from .config import MoELoraConfig, SMoRAConfig
 from .context import RoutingContext, attach_router_loss, router_loss_probe
+from .experts import LoRAMoEExperts, MoELoraExperts, MoLEExperts, SMoRAExperts, inject_fused_experts
 from .layer import LoRAMoELinear, MoELoraLinear, MoLELinear, SMoRALinear
 
 _MLP = ["gate_proj", "up_proj", "down_proj"]
@@ -78,10 +83,12 @@ class _GenerateWithRoutingInputs:
 
 
 class MoELoraModel(BaseTuner):
-    """Shared tuner of every token-routed method; each method subclass sets `prefix` and `tuner_layer_cls`."""
+    """Shared tuner of every token-routed method; each method subclass sets `prefix`, `linear_layer_cls` (what a
+    target module becomes) and `tuner_layer_cls`, the (linear, fused-experts) layer pair PEFT finds with isinstance."""
 
     prefix: str = "moe_"
-    tuner_layer_cls = MoELoraLinear
+    linear_layer_cls = MoELoraLinear
+    tuner_layer_cls = (MoELoraLinear, MoELoraExperts)
     target_module_mapping = DEFAULT_TARGET_MODULES
 
     # -- injection -----------------------------------------------------------------------------------
@@ -103,20 +110,30 @@ class MoELoraModel(BaseTuner):
         current_key: str,
         **optional_kwargs: Any,
     ) -> None:
-        if isinstance(target, self.tuner_layer_cls):
+        if isinstance(target, self.linear_layer_cls):
             target.update_layer(adapter_name, config)
             return
         if isinstance(target, BaseTunerLayer):
             raise TypeError(f"{current_key} already holds a {type(target).__name__} from another PEFT method.")
         if not isinstance(target, nn.Linear):
             raise TypeError(
-                f"Target module {current_key} is a {type(target).__name__}; moe_peft adapts nn.Linear modules only. "
-                "Remove it from target_modules (or exclude it with exclude_modules)."
+                f"Target module {current_key} is a {type(target).__name__}; target_modules adapts nn.Linear modules "
+                "only. Remove it from target_modules (or exclude it with exclude_modules); name fused 3-D expert "
+                "weights in target_parameters instead."
             )
-        new_module = self.tuner_layer_cls(target, adapter_name, config, self.routing_ctx)
+        new_module = self.linear_layer_cls(target, adapter_name, config, self.routing_ctx)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # an added adapter is not trainable until set_adapter
         self._replace_module(parent, target_name, new_module, target)
+
+    def _inject_parameters(self, peft_config, model, adapter_name, low_cpu_mem_usage) -> list[str]:
+        return inject_fused_experts(self, peft_config, model, adapter_name)  # one layer per experts module
+
+    def _replace_module(self, parent, child_name, new_module, child) -> None:
+        if isinstance(child, MoELoraExperts):  # unloading: fused experts have no `weight` for PEFT to carry over
+            setattr(parent, child_name, new_module)
+            return
+        super()._replace_module(parent, child_name, new_module, child)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         super().inject_adapter(model, adapter_name, *args, **kwargs)
@@ -201,44 +218,61 @@ class MoELoraModel(BaseTuner):
                     f"sample_types must be a [batch] tensor of 0/1, got shape {tuple(sample_types.shape)}."
                 )
         attention_mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-        if self.training:
-            update_router_biases(self, only_after_step=True)
         ctx.start_forward(attention_mask if isinstance(attention_mask, torch.Tensor) else None, sample_types)
         return args, kwargs
 
     def _root_hook(self, module: nn.Module, args: tuple, kwargs: dict, outputs):
-        return self._finish_forward(outputs, kwargs.get("labels") is not None)
+        return self._finish_forward(outputs, kwargs)
 
-    def _finish_forward(self, outputs, has_labels: bool):
+    def _finish_forward(self, outputs, kwargs: dict):
         ctx = self.routing_ctx
-        losses = []
-        anchor = None
+        ctx.in_forward = False
+        terms, attached, anchor, smora_counts = [], 0, None, False
         for _, layer in self._moe_layers():
             for adapter, record in layer.router_records.items():
                 if record.forward_id != ctx.forward_id:
                     continue
-                if record.loss is not None:
-                    losses.append(record.loss)
+                if record.graph_loss is not None:  # computed with its graph during this forward
+                    terms.append(record.graph_loss.float())
+                    record.graph_loss = None  # the graph lives on in router_loss only
+                elif record.loss is not None:  # no graph yet (reentrant checkpointing): attached on recompute
+                    terms.append(record.loss.float())
+                    attached += 1
                     if anchor is None:
                         anchor = next((p for p in layer.routers[adapter].parameters() if p.requires_grad), None)
                 if self.training and isinstance(layer.configs[adapter], SMoRAConfig):
                     pending = layer.__dict__.setdefault("_pending_counts", {})
                     pending[adapter] = pending.get(adapter, 0) + record.counts
-        if not losses:
-            ctx.last_router_loss = None
-            return outputs
-        router_loss = torch.stack([loss.float() for loss in losses]).mean()  # averaged over routed layers
-        if anchor is not None and torch.is_grad_enabled():
-            router_loss = router_loss + router_loss_probe(anchor, ctx, len(losses))
-        ctx.last_router_loss = router_loss
-        if isinstance(outputs, tuple):
-            if has_labels:
-                outputs = (outputs[0] + router_loss.to(outputs[0].dtype),) + tuple(outputs[1:])
-            return outputs
-        if getattr(outputs, "loss", None) is not None:
-            outputs.loss = outputs.loss + router_loss.to(outputs.loss.dtype)
-        outputs["router_loss"] = router_loss
+                    smora_counts = True
+        if smora_counts:
+            _counts_pending(self)  # applied after the next optimizer step
+        if terms:
+            router_loss = torch.stack(terms).mean()  # averaged over routed layers
+            if attached and anchor is not None and torch.is_grad_enabled():
+                router_loss = router_loss + router_loss_probe(anchor, ctx, len(terms))
+        else:
+            router_loss = torch.zeros((), device=_device_of(outputs, self.model))
+        if torch.is_grad_enabled():
+            ctx.last_router_loss = router_loss  # router_loss(model): the latest forward run with grad enabled
+        if terms and kwargs.get("labels") is not None:
+            # outputs.loss holds the router loss weighted as the task loss weights this micro-batch
+            # (moe_peft/accumulation.py): 1 for a per-batch mean, its label-token share with num_items_in_batch
+            share = label_share(self.model, kwargs)
+            added = router_loss if share is None else router_loss * share
+            if isinstance(outputs, tuple):
+                return (outputs[0] + added.to(outputs[0].dtype),) + tuple(outputs[1:])
+            if getattr(outputs, "loss", None) is not None:
+                outputs.loss = outputs.loss + added.to(outputs.loss.dtype)
+        if isinstance(outputs, dict):  # a ModelOutput (a plain tensor or tuple output has no room for it)
+            outputs["router_loss"] = router_loss
         return outputs
+
+
+def _device_of(outputs, model: nn.Module) -> torch.device:
+    logits = getattr(outputs, "logits", None) if not isinstance(outputs, tuple) else None
+    if isinstance(logits, torch.Tensor):
+        return logits.device
+    return next(model.parameters()).device
 
 
 def _tuner(model: nn.Module) -> MoELoraModel:
@@ -248,17 +282,26 @@ def _tuner(model: nn.Module) -> MoELoraModel:
     return tuner
 
 
-def router_loss(model: nn.Module) -> Optional[torch.Tensor]:
-    """The weighted router loss of the latest forward (averaged over routed layers), or None.
+def router_loss(model: nn.Module) -> torch.Tensor:
+    """The weighted router loss (mean over routed layers) of the latest forward run with gradients enabled,
+    with its gradient path; a zero tensor when that forward had no router-loss term (all coefficients 0,
+    eval mode, no routed token).
 
-    Add it to a loss you compute yourself from the logits; `outputs.loss` already includes it.
+    Forwards under `torch.no_grad()` (an extra forward a trainer runs for metrics) do not replace it. Each
+    forward also returns its own as `outputs.router_loss`, which cannot be confused with another forward's.
+    `outputs.loss`, when present, already includes it: add it only to a loss you compute yourself (from the
+    logits or log-probs), once, weighted for gradient accumulation (`moe_peft.accumulation_weight`).
     """
-    return getattr(_tuner(model).routing_ctx, "last_router_loss", None)
+    ctx = _tuner(model).routing_ctx
+    if ctx.last_router_loss is None:
+        return torch.zeros((), device=next(model.parameters()).device)
+    return ctx.last_router_loss
 
 
 def routing_stats(model: nn.Module, adapter_name: Optional[str] = None) -> dict[str, dict[str, Any]]:
     """Per routed layer, from the latest forward: expert load [E] (fraction of picks), null-expert fraction,
-    the layer's weighted router loss and the number of routed (non-padding) tokens."""
+    experts per token (mean number of real experts per non-padding token: what top-p and null-expert papers
+    report), the layer's weighted router loss and the number of routed (non-padding) tokens."""
     tuner = _tuner(model)
     stats = {}
     for name, layer in tuner._moe_layers():
@@ -268,6 +311,7 @@ def routing_stats(model: nn.Module, adapter_name: Optional[str] = None) -> dict[
             stats[name if adapter_name else f"{name}[{adapter}]"] = {
                 "load": record.load.tolist(),
                 "null_fraction": record.null_fraction,
+                "experts_per_token": float(record.experts_per_token),
                 "loss": None if record.loss is None else float(record.loss),
                 "tokens": record.num_tokens,
             }
@@ -275,44 +319,76 @@ def routing_stats(model: nn.Module, adapter_name: Optional[str] = None) -> dict[
 
 
 @torch.no_grad()
-def update_router_biases(model: nn.Module, only_after_step: bool = False) -> None:
+def update_router_biases(model: nn.Module) -> int:
     """SMoRA loss-free balancing: apply the expert counts gathered since the last update to the selection
-    biases, once per optimizer step.
+    biases now, and return how many biases moved (0 when no count was pending).
 
-    The tuner calls this itself at the start of each training forward with only_after_step=True: it applies
-    the pending counts only when the router weights changed since the last forward (an optimizer step
-    happened), so gradient accumulation and gradient checkpointing do not update twice. Counts are
-    all-reduced across data-parallel ranks.
+    The single entry point of the update. It runs by itself right after every optimizer step: when a SMoRA
+    adapter first has counts pending, a step post-hook common to all torch.optim optimizers is registered
+    (once per process), and it calls this function for every model with pending counts. So the update
+    happens once per optimizer step with gradient accumulation, gradient checkpointing, a frozen router or
+    an optimizer that does not hold the router, and a skipped fp16 step (no optimizer.step()) updates
+    nothing. Counts are consumed when applied, so calling it again (a Trainer callback after the step) is a
+    no-op. Counts are all-reduced across data-parallel ranks.
     """
     tuner = _tuner(model)
+    applied = 0
     for _, layer in tuner._moe_layers():
         pending = layer.__dict__.get("_pending_counts", {})
-        seen = layer.__dict__.setdefault("_seen_router_version", {})
-        for adapter, config in layer.configs.items():
+        for adapter in list(pending):
+            config = layer.configs.get(adapter)
+            counts = pending.pop(adapter).float()
             if not isinstance(config, SMoRAConfig) or adapter not in layer.routers:
                 continue
-            router = layer.routers[adapter]
-            version = router.linear.weight._version
-            stepped = seen.get(adapter, version) != version
-            seen[adapter] = version
-            if adapter not in pending or (only_after_step and not stepped):
-                continue
-            counts = pending.pop(adapter).float()
             if dist.is_available() and dist.is_initialized():
                 dist.all_reduce(counts)
-            router.update_bias(counts, config.bias_update_rate)
+            layer.routers[adapter].update_bias(counts, config.bias_update_rate)
+            applied += 1
+    tuner.__dict__["_forwards_pending"] = 0
+    _TUNERS_WITH_PENDING_COUNTS.discard(tuner)
+    return applied
+
+
+# The one piece of process-wide state: PyTorch's optimizer step hooks are global by design. A weak set, so
+# a model that is deleted with counts pending is not kept alive.
+_TUNERS_WITH_PENDING_COUNTS: weakref.WeakSet = weakref.WeakSet()
+_STEP_HOOK: list = []
+_PENDING_WARN_AFTER = 1000  # training forwards with counts pending and no optimizer step
+
+
+def _after_optimizer_step(optimizer, args, kwargs) -> None:
+    for tuner in list(_TUNERS_WITH_PENDING_COUNTS):
+        update_router_biases(tuner)
+
+
+def _counts_pending(tuner: MoELoraModel) -> None:
+    if not _STEP_HOOK:
+        _STEP_HOOK.append(register_optimizer_step_post_hook(_after_optimizer_step))
+    _TUNERS_WITH_PENDING_COUNTS.add(tuner)
+    waiting = tuner.__dict__.get("_forwards_pending", 0) + 1
+    tuner.__dict__["_forwards_pending"] = waiting
+    if waiting == _PENDING_WARN_AFTER:
+        warnings.warn(
+            f"SMoRA: expert counts from {waiting} training forwards are waiting for an optimizer step to update "
+            "the selection biases, and no torch.optim optimizer step has run. If your optimizer is not a "
+            "torch.optim.Optimizer, call moe_peft.update_router_biases(model) after each optimizer step.",
+            stacklevel=3,
+        )
 
 
 class MoLEModel(MoELoraModel):
     prefix = "mole_"
-    tuner_layer_cls = MoLELinear
+    linear_layer_cls = MoLELinear
+    tuner_layer_cls = (MoLELinear, MoLEExperts)
 
 
 class LoRAMoEModel(MoELoraModel):
     prefix = "loramoe_"
-    tuner_layer_cls = LoRAMoELinear
+    linear_layer_cls = LoRAMoELinear
+    tuner_layer_cls = (LoRAMoELinear, LoRAMoEExperts)
 
 
 class SMoRAModel(MoELoraModel):
     prefix = "smora_"
-    tuner_layer_cls = SMoRALinear
+    linear_layer_cls = SMoRALinear
+    tuner_layer_cls = (SMoRALinear, SMoRAExperts)

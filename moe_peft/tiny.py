@@ -70,8 +70,9 @@ def tiny_moe(
     intermediate_size: int = 48,
     seed: int = 0,
 ):
-    """A randomly initialized sparse-MoE causal LM: arch is "mixtral", "olmoe" or "qwen3_moe" (fused 3-D experts
-    and a TopKRouter module per layer, as in transformers 5)."""
+    """A randomly initialized sparse-MoE causal LM with fused 3-D experts and a router module per layer, as in
+    transformers 5. arch: "mixtral", "olmoe", "qwen3_moe", "qwen2_moe" (plus a shared expert), "deepseek_v2",
+    "deepseek_v3" (shared experts, multi-head latent attention) or "gpt_oss" (transposed experts with biases)."""
     import transformers
 
     common = dict(
@@ -82,6 +83,20 @@ def tiny_moe(
         num_experts_per_tok=top_k,
         **_DECODER_DEFAULTS,
     )
+    # DeepSeek's latent attention: one KV head per head, small rope/nope/value head dims, every layer MoE
+    deepseek = dict(
+        n_routed_experts=num_experts,
+        moe_intermediate_size=intermediate_size,
+        n_shared_experts=1,
+        first_k_dense_replace=0,
+        kv_lora_rank=16,
+        q_lora_rank=None,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=8,
+        num_key_value_heads=_DECODER_DEFAULTS["num_attention_heads"],
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
     specific = {
         "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=num_experts)),
         "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(num_experts=num_experts)),
@@ -90,10 +105,80 @@ def tiny_moe(
             "Qwen3MoeForCausalLM",
             dict(num_experts=num_experts, moe_intermediate_size=intermediate_size, decoder_sparse_step=1),
         ),
+        "qwen2_moe": (
+            "Qwen2MoeConfig",
+            "Qwen2MoeForCausalLM",
+            dict(
+                num_experts=num_experts,
+                moe_intermediate_size=intermediate_size,
+                shared_expert_intermediate_size=intermediate_size,
+                decoder_sparse_step=1,
+            ),
+        ),
+        "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM", deepseek),
+        "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(deepseek, n_group=1, topk_group=1)),
+        "gpt_oss": (
+            "GptOssConfig",
+            "GptOssForCausalLM",
+            dict(
+                num_local_experts=num_experts, head_dim=8, rope_parameters={"rope_type": "default", "rope_theta": 1e4}
+            ),
+        ),
     }
     if arch not in specific:
         raise ValueError(f"arch={arch!r} is invalid: use one of {sorted(specific)}.")
     config_name, model_name, extra = specific[arch]
-    config = getattr(transformers, config_name)(**common, **extra)
+    config = getattr(transformers, config_name)(**{**common, **extra})
     torch.manual_seed(seed)
     return getattr(transformers, model_name)(config).eval()
+
+
+def pretrain_tiny_moe(
+    arch: str,
+    tokenizer,
+    steps: int,
+    out_dir: str,
+    seed: int = 0,
+    tasks=None,
+    batch_size: int = 32,
+    lr: float = 3e-3,
+) -> str:
+    """A tiny MoE model (4 layers, 8 experts, top-2) trained in full on bundled tasks, saved under `out_dir` and
+    reused from there: a base that knows something, for the MoE examples. Returns its directory (the torch thread
+    count is in its name: floating-point sums, and so the trained weights, depend on it)."""
+    import os
+
+    from .data import DEFAULT_TASKS, Collator, make_dataset
+
+    tasks = tuple(tasks or DEFAULT_TASKS)
+    path = os.path.join(out_dir, f"base-{arch}-{steps}-{seed}-{'-'.join(tasks)}-t{torch.get_num_threads()}")
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    model = tiny_moe(
+        arch,
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=64,
+        num_layers=4,
+        num_experts=8,
+        intermediate_size=128,
+        seed=seed,
+    )
+    data = make_dataset(steps * batch_size, tasks=tasks, seed=seed, tokenizer=tokenizer)
+    loader = torch.utils.data.DataLoader(
+        data.remove_columns(["task", "prompt", "completion", "sample_type"]),
+        batch_size=batch_size,
+        shuffle=True,
+        collate_fn=Collator(tokenizer),
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    model.train()
+    for step, batch in enumerate(loader):
+        if step == steps:
+            break
+        model(**batch).loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.eval().save_pretrained(path)
+    return path

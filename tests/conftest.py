@@ -14,6 +14,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# One thread: tiny models gain nothing from more, and on a shared machine extra threads fight other processes
+# for the cores (the suite took 482 s instead of 73 s with torch's default). MOE_PEFT_THREADS raises it; the
+# environment variable also reaches the fresh processes some tests start.
+THREADS = int(os.environ.setdefault("MOE_PEFT_THREADS", "1"))
+os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+torch.set_num_threads(THREADS)
+
 import moe_peft  # noqa: E402
 from moe_peft.tiny import tiny_llama  # noqa: E402
 

@@ -26,7 +26,7 @@ import moe_peft
         (moe_peft.MoLEConfig, dict(num_null_experts=-1), "num_null_experts"),
         (moe_peft.MoLEConfig, dict(router_aux_loss_coef=-0.1), "router_aux_loss_coef"),
         (moe_peft.MoLEConfig, dict(lora_dropout=1.0), "lora_dropout"),
-        (moe_peft.MoLEConfig, dict(target_parameters=["experts.gate_up_proj"]), "target_parameters"),
+        (moe_peft.MoLEConfig, dict(target_parameters="experts.gate_up_proj"), "target_parameters"),  # not a list
         (moe_peft.LoRAMoEConfig, dict(num_experts=4, top_k=2), "top_k"),
         (moe_peft.LoRAMoEConfig, dict(router_granularity="block"), "router_granularity"),
         (moe_peft.LoRAMoEConfig, dict(blc_alpha=1.5), "blc_alpha"),

@@ -14,8 +14,8 @@ process (never asserted); a ratio whose denominator is within its noise prints a
   einsum    dense all experts materialized as [E, T, out], mixed by the gate (X-LoRA / Arrow style)
   torch     our torch path (CUDA only: the baseline the Triton kernel must beat by 1.15x)
 On CUDA it also prints the op's achieved bandwidth and its fraction of the copy bandwidth measured here
-(these shapes are memory-bound: docs/kernel.md). A second table compares per-sample adapter selection
-with PEFT's mixed-batch `adapter_names` forward (inference).
+(these shapes are memory-bound: docs/kernel.md). Per-sample adapters (a mixed batch of fine-tunes) are
+`moe-peft bench multi` (bench/multi.py).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import apply_lora_experts, apply_lora_per_sample, choose_backend, linear_lora_experts
+from ..ops import apply_lora_experts, choose_backend, linear_lora_experts
 from ..ops.reference import per_expert_loop
 from .timing import Timing, difference, fmt, interleaved, ratio
 
@@ -54,8 +54,6 @@ FULL_GRID = [
     for k in (1, 2)
 ]
 EINSUM_MAX_BYTES = 4 << 30
-MULTI_CPU = [(16, 128, 1024, 4, 16)]  # (samples, tokens each, d, adapters, r)
-MULTI_GPU = [(64, 256, 4096, 8, 16), (16, 512, 4096, 32, 16)]
 
 
 @dataclass
@@ -247,64 +245,8 @@ def _op_alone(case: Case, device, reps) -> tuple[Timing, Timing]:
     return interleaved({"op": fwd}, device, reps)["op"], train["op"]
 
 
-def bench_multi_adapter(shapes, device, dtype, reps, print_fn=print) -> list[dict]:
-    """Per-sample adapter selection (inference): ours (one kernel, an expert index per token) vs PEFT's
-    mixed-batch `adapter_names` forward on a LoRA layer holding the same adapters."""
-    print_fn(
-        f"{'samples':>7} {'tokens':>6} {'d':>5} {'adapters':>8} {'r':>3} | {'ours ms':>8} {'peft ms':>8} {'peft/ours':>9}"
-    )
-    rows = []
-    for shape in shapes:
-        t, diff, scale = _multi_row(*shape, device, dtype, reps)
-        speedup = ratio(t["peft"], t["ours"])
-        print_fn(
-            " ".join(f"{v:>{w}}" for v, w in zip(shape, (7, 6, 5, 8, 3)))
-            + f" | {t['ours'].median:>8.3f} {t['peft'].median:>8.3f} {fmt(speedup, 9)}   (max |ours - peft| ="
-            f" {diff:.1e}, max |delta| = {scale:.1e})"
-        )
-        rows.append(
-            dict(zip(("samples", "seq", "d", "adapters", "r"), shape), ours_ms=t["ours"].median,
-                 peft_ms=t["peft"].median, peft_over_ours=speedup)
-        )  # fmt: skip
-    return rows
-
-
-def _multi_row(n_samples, seq, d, n_adapters, r, device, dtype, reps):
-    from peft import LoraConfig, get_peft_model
-
-    g = torch.Generator(device).manual_seed(0)
-    wrapper = nn.Sequential()
-    wrapper.add_module("lin", nn.Linear(d, d, bias=False))
-    model = get_peft_model(wrapper, LoraConfig(r=r, lora_alpha=r, target_modules=["lin"]), adapter_name="a0")
-    for i in range(1, n_adapters):
-        model.add_adapter(f"a{i}", LoraConfig(r=r, lora_alpha=r, target_modules=["lin"]))
-    layer = model.base_model.model.lin.to(device=device, dtype=dtype)
-    names = [f"a{i}" for i in range(n_adapters)]
-    for name in names:
-        nn.init.normal_(layer.lora_B[name].weight, std=0.01)
-    a = torch.stack([layer.lora_A[n].weight for n in names]).detach()  # [N, r, d]
-    b = torch.stack([layer.lora_B[n].weight for n in names]).detach()  # [N, d, r]
-    x = torch.randn(n_samples, seq, d, device=device, generator=g).to(dtype)
-    choice = torch.randint(0, n_adapters, (n_samples,), device=device, generator=g)
-    adapter_names = [names[i] for i in choice.tolist()]
-
-    def ours():
-        with torch.no_grad():
-            out = F.linear(x, layer.base_layer.weight)
-            return apply_lora_per_sample(x, a, b, choice, 1.0, out=out)
-
-    def peft():
-        with torch.no_grad():
-            return layer._mixed_batch_forward(x, adapter_names=adapter_names)
-
-    with torch.no_grad():
-        scale = (peft() - F.linear(x, layer.base_layer.weight)).abs().max().item()  # the adapters' share
-    diff = (ours().float() - peft().float()).abs().max().item()
-    return interleaved({"ours": ours, "peft": peft}, device, reps), diff, scale
-
-
 def bench_ops(grid: str = "default", device: Optional[str] = None, reps: Optional[int] = None, print_fn=print):
-    """Run both tables; returns their rows. grid: "default" or "full"."""
+    """Run the grid; returns its rows. grid: "default" or "full". (Per-sample adapters: `moe-peft bench multi`.)"""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     reps = reps or (20 if dev.type == "cuda" else 7)
@@ -316,6 +258,4 @@ def bench_ops(grid: str = "default", device: Optional[str] = None, reps: Optiona
     print_fn(f"moe-peft bench ops | {name} | {dtype} activations, fp32 adapters | torch {torch.__version__}")
     print_fn("ratios: ours/peft (<1 faster than PEFT LoRA of rank k*r), ovh/peft-ovh (our overhead over the base")
     print_fn("linear / PEFT's), loop/ and einsum/ (x faster than those), torch/ (x faster than our torch path)")
-    rows = bench_grid(shapes, dev, dtype, reps, print_fn)
-    multi = bench_multi_adapter(MULTI_GPU if dev.type == "cuda" else MULTI_CPU, dev, dtype, reps, print_fn)
-    return rows, multi
+    return bench_grid(shapes, dev, dtype, reps, print_fn)

@@ -99,7 +99,14 @@ def method_table(num_experts: int, num_tasks: int, budget_rank: int) -> dict[str
         Method("MoLE null experts", "moe", _mole(e, top_k=2, num_null_experts=e // 2), note=f"{e // 2} null, top-2"),
         Method("MoLE top-p", "moe", _mole(e, top_k=e, top_p=0.4), note="p=0.4, at most all experts"),
         Method("LoRAMoE", "moe", _loramoe(e, blc_weight=0.0), note="no localized balancing"),
-        Method("LoRAMoE + LBC", "moe", _loramoe(e), sample_types=True, note="localized balancing, sample_types"),
+        Method("LoRAMoE + LBC", "moe", _loramoe(e), sample_types=True, note="localized balancing (intended form)"),
+        Method(
+            "LoRAMoE + LBC released",
+            "moe",
+            _loramoe(e, blc_form="released"),
+            sample_types=True,
+            note="localized balancing as the released code computes it",
+        ),
         Method("SMoRA", "moe", _smora(None), note="k = ceil(r / 8)"),
         Method("MHR", "mhr", _mhr(e, num_tasks, 4), task_ids=True, note="task ids given, 4 heads"),
         Method("PHATGOOSE", "phatgoose", _lora, note="one LoRA per task + knowledge, top-2, zero-shot"),
@@ -183,6 +190,5 @@ def moe_active_params(model: nn.Module) -> float:
             per_expert = rank * (module.in_features + module.out_features)
             if record is None or record.num_tokens == 0:
                 continue
-            experts_per_token = float(record.counts.sum()) / record.num_tokens
-            total += experts_per_token * per_expert
+            total += float(record.experts_per_token) * per_expert
     return total

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from ..context import RoutingContext, attach_router_loss
+from ..context import RoutingContext, attach_router_loss, padding_mask
 
 
 @dataclass
@@ -83,7 +83,7 @@ class RoutingCapture:
 
     def start_forward(self, batch_shape, attention_mask, representation: str, num_layers: int) -> None:
         self.forward_id += 1
-        self.batch_shape, self.attention_mask = batch_shape, attention_mask
+        self.batch_shape, self.attention_mask = batch_shape, padding_mask(attention_mask)  # [B, S] bool or None
         self.representation, self.num_layers = representation, num_layers
         self.reps = {}
         self.pending = None
@@ -96,8 +96,8 @@ class RoutingCapture:
         if batch * seq != num_tokens:
             return None
         mask = self.attention_mask
-        if mask is not None and mask.dim() == 2 and mask.shape[0] == batch and mask.shape[1] >= seq:
-            mask = mask[:, -seq:].bool()  # with a KV cache the routers see only the last S positions
+        if mask is not None and mask.shape[0] == batch and mask.shape[1] >= seq:
+            mask = mask[:, -seq:]  # with a KV cache the routers see only the last S positions
         else:
             mask = None
         return (batch, seq), mask

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 from transformers import Trainer
 
+from ..accumulation import accumulation_weight
 from .loss import alignment_loss
 from .model import roma_tuner
 from .reference import RoMAReference
@@ -71,14 +72,8 @@ class RoMALossMixin:
         if index is not None and model.training:
             self._maybe_refresh(model)
             reg = alignment_loss(model, self.roma_reference.neighbours(index), step=self.state.global_step)
-            # Trainer divides a per-batch loss by the accumulation steps itself, unless the task loss was
-            # already normalized over the whole accumulated batch (num_items_in_batch): then do it here
-            scaled = self.loss_is_scaled_for_ga
-            if scaled is None:
-                scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
-                    self.compute_loss_func is not None
-                )
-            loss = loss + (reg / self.current_gradient_accumulation_steps if scaled else reg)
+            # a per-micro-batch mean: 1/steps here when Trainer leaves accumulation to the loss (moe_peft/accumulation.py)
+            loss = loss + reg * accumulation_weight(self, num_items_in_batch)
             self._roma_sum += float(reg.detach())
             self._roma_count += 1
         return (loss, outputs) if return_outputs else loss

@@ -25,6 +25,41 @@ class Routing:
     choice: Optional[torch.Tensor] = None
 
 
+class Float32Buffers(nn.Module):
+    """A module whose routing buffers (selection biases, running statistics) stay float32 whatever the model's
+    dtype: `.to(dtype)`, `.half()`, `.bfloat16()`, PEFT's cast of a new adapter to the base layer's dtype, and
+    `load_state_dict` (also with `assign=True`) move them to the new device but never change their dtype.
+
+    A bf16 buffer cannot take small updates: 0.004 + 1e-5 rounds back to 0.004 in bf16, so a SMoRA bias
+    stopped moving at about 0.004 instead of reaching 0.02 after 2000 updates of 1e-5.
+    """
+
+    float32_buffers: tuple[str, ...] = ()
+
+    def __init__(self):
+        super().__init__()
+        self.register_load_state_dict_post_hook(_buffers_to_float32)
+
+    def _apply(self, fn, recurse=True):
+        kept = {name: self._buffers[name] for name in self.float32_buffers if self._buffers.get(name) is not None}
+        for name in kept:
+            self._buffers[name] = None  # nn.Module._apply skips None buffers
+        try:
+            result = super()._apply(fn, recurse)
+        finally:
+            for name, buf in kept.items():
+                moved = fn(buf)  # the conversion tells the target device (and share_memory_ and the like)
+                self._buffers[name] = moved if moved.dtype == torch.float32 else buf.to(moved.device)
+        return result
+
+
+def _buffers_to_float32(module: Float32Buffers, incompatible_keys) -> None:
+    for name in module.float32_buffers:
+        buf = module._buffers.get(name)
+        if buf is not None and buf.dtype != torch.float32:
+            module._buffers[name] = buf.float()
+
+
 def float32_linear(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """Router math in float32 whatever the model dtype or autocast state."""
     with torch.autocast(device_type=x.device.type, enabled=False):

@@ -1,17 +1,18 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from .base import Routing, float32_linear, new_router_linear
+from .base import Float32Buffers, Routing, float32_linear, new_router_linear
 
 
-class SMoRARouter(nn.Module):
+class SMoRARouter(Float32Buffers):
     """SMoRA: every rank of one LoRA is an expert (methods.md, SMoRA).
 
     s = sigmoid(W_g x); the top-k of (s + b) are selected, b being a per-rank bias buffer used for selection
-    only (loss-free balancing); gate g_i = k * s_i / sum_selected s_j.
+    only (loss-free balancing); gate g_i = k * s_i / sum_selected s_j. b stays float32 in a bf16/fp16 model.
     """
+
+    float32_buffers = ("selection_bias",)
 
     def __init__(self, in_features: int, num_ranks: int, top_k: int):
         super().__init__()
@@ -23,7 +24,7 @@ class SMoRARouter(nn.Module):
     def forward(self, x: torch.Tensor) -> Routing:
         logits = float32_linear(self.linear, x)  # [T, R]
         scores = torch.sigmoid(logits)  # [T, R]
-        idx = (scores.detach() + self.selection_bias.float()).topk(self.top_k, dim=-1).indices  # [T, k]
+        idx = (scores.detach() + self.selection_bias).topk(self.top_k, dim=-1).indices  # [T, k]
         picked = scores.gather(1, idx)  # [T, k]
         weights = self.top_k * picked / picked.sum(dim=-1, keepdim=True).clamp_min(1e-9)  # [T, k]
         return Routing(idx=idx, weights=weights, logits=logits, probs=scores, choice=idx)

@@ -17,9 +17,12 @@ class TopKRouter(nn.Module):
     * top-k, k > 1 (Mixtral, MixLoRA): weights = p renormalized over the chosen experts.
     * null experts: picks of a null expert become index -1 (zero output, zero FLOPs); weights are
       renormalized over the chosen REAL experts; a token whose picks are all null gets no expert output.
+      With top_k=1 the renormalized weight is p / p = 1, so the top-1 rule above applies instead (same
+      value with straight_through, and a gradient to the router).
     * top-p (Dynamic MoE, "Harder Tasks Need More Experts"): sort p, keep experts up to and including the
       first whose cumulative probability exceeds top_p, at most k of them; weights are the raw p.
-    * eval_routing="dense": in eval mode every real expert is mixed with weight p.
+    * eval_routing="dense": in eval mode every real expert is mixed with weight p (renormalized over the
+      real experts when there are null experts).
     """
 
     def __init__(
@@ -52,7 +55,10 @@ class TopKRouter(nn.Module):
 
         if not self.training and self.eval_routing == "dense":
             idx = torch.arange(n, device=x.device).expand(x.shape[0], -1)  # [T, n]
-            return Routing(idx=idx, weights=probs[:, :n], logits=logits, probs=probs, choice=idx)
+            weights = probs[:, :n]  # [T, n]
+            if self.null is not None:  # the softmax also covers the m null slots: renormalize over the real ones
+                weights = weights / weights.sum(dim=-1, keepdim=True)
+            return Routing(idx=idx, weights=weights, logits=logits, probs=probs, choice=idx)
 
         if self.top_p is not None:
             return self._top_p(logits, probs)
@@ -60,11 +66,15 @@ class TopKRouter(nn.Module):
         top_p, choice = probs.topk(self.top_k, dim=-1)  # [T, k]
         real = choice < n  # [T, k]
         idx = torch.where(real, choice, torch.full_like(choice, -1))  # [T, k], null picks -> -1
-        if self.null is not None:
+        if self.top_k == 1:
+            weights = (1.0 + top_p - top_p.detach()) if self.top1_weight == "straight_through" else top_p
+            if self.null is not None:
+                # AdaMoE's renormalized weight is p / p = 1 here, constant: the router would get no task
+                # gradient. straight_through has the same value with the gradient; a null pick weighs 0.
+                weights = weights * real  # [T, 1]
+        elif self.null is not None:
             kept = top_p * real  # [T, k]
             weights = kept / kept.sum(dim=-1, keepdim=True).clamp_min(1e-9)  # all-null rows stay 0
-        elif self.top_k == 1:
-            weights = (1.0 + top_p - top_p.detach()) if self.top1_weight == "straight_through" else top_p
         else:
             weights = top_p / top_p.sum(dim=-1, keepdim=True)
         return Routing(idx=idx, weights=weights, logits=logits, probs=probs, choice=choice)
