@@ -82,7 +82,7 @@ class Suite:
     test_per_task: int = 64
     val_per_task: int = 32
     gate_steps: int = 100  # PHATGOOSE gate training per expert (paper: 100 steps, lr 1e-3)
-    timing_reps: int = 15
+    timing_reps: int = 30
 
     def quick(self) -> Suite:
         """One seed, one learning rate, fewer steps and prompts, a shorter pre-training: minutes, not an hour."""
@@ -95,7 +95,7 @@ class Suite:
             test_per_task=24,
             val_per_task=12,
             gate_steps=20,
-            timing_reps=3,
+            timing_reps=5,
         )
 
     @property

@@ -9,7 +9,7 @@ import os
 import statistics
 
 from .quality_methods import BUDGET_TOLERANCE
-from .timing import fmt, ratio
+from .timing import paired_ratio
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -39,7 +39,8 @@ def summary_rows(suite, methods, runs, best_lr, ranks, params, budget, base, tim
             "trainable_vs_budget": params[m.name] / budget - 1,
             "active_per_token": active_params(m, suite, base, ranks[m.name], params[m.name], seeds),
             "step_time_ms": times[m.name].median,
-            "step_time_vs_lora": ratio(times[m.name], times["LoRA"]),
+            "step_time_vs_lora": paired_ratio(times[m.name], times["LoRA"]).median,
+            "step_time_vs_lora_spread": paired_ratio(times[m.name], times["LoRA"]).spread,
             "run_seconds": statistics.mean(r["seconds"] for r in seeds),
         }
         for task in suite.all_tasks:
@@ -71,7 +72,7 @@ def markdown(suite, rows, base_scores, budget, wall_s, quick) -> str:
         cells += [_cell(r[t], r[f"{t}_std"], n) for t in knowledge]
         cells += [f"**{_cell(r['knowledge_mean'], r['knowledge_mean_std'], n)}**"]
         cells += [f"{r['trainable']} ({r['trainable_vs_budget']:+.1%})", f"{r['active_per_token']:.0f}"]
-        cells += [fmt(r["step_time_vs_lora"], width=1).strip() + "x" if r["step_time_vs_lora"] else "-"]
+        cells += [f"{r['step_time_vs_lora']:.2f}x ± {r['step_time_vs_lora_spread'] / 2:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     mode = "--quick (one seed, fewer steps)" if quick else f"{len(suite.seeds)} seeds"
     notes = [
@@ -83,7 +84,8 @@ def markdown(suite, rows, base_scores, budget, wall_s, quick) -> str:
         f"{', '.join(f'{x:.0e}' for x in suite.lrs)} on the validation split (seed {suite.seeds[0]}). trainable: "
         f"against the budget of {budget} (LoRA r={suite.budget_rank}; every row within "
         f"{BUDGET_TOLERANCE:.0%} except the equal-active rows). active/token: parameters that take part in one "
-        "token's output. step: training step time relative to LoRA, measured interleaved in the same process.",
+        "token's output. step: training step time relative to LoRA (median over rounds of the ratio, ± half its "
+        "interquartile range), one step of every method per round, interleaved in the same process.",
         f"Total wall time {wall_s / 60:.1f} min.",
     ]
     return "\n".join(lines + notes) + "\n"
