@@ -77,7 +77,82 @@ def study_scaling() -> list[Method]:
     ]
 
 
-STUDIES = {"scaling": study_scaling}
+def study_top1() -> list[Method]:
+    """Top-1 MoLE learns slowly and unstably: its balance loss, router learning rate, weighting and granularity."""
+    return [
+        mole("top-1 block (default)", top_k=1),
+        mole("top-1 block, no balance loss", top_k=1, router_aux_loss_coef=0.0),
+        mole("top-1 block, balance 0.1", top_k=1, router_aux_loss_coef=0.1),
+        dataclasses.replace(mole("top-1 block, router lr x10", top_k=1), router_lr_scale=10.0),
+        mole("top-1 block, weight p, alpha x E", alpha_factor=E, top_k=1, top1_weight="prob"),
+        mole("top-1 block, dense at eval", top_k=1, eval_routing="dense"),
+    ]
+
+
+def study_experts() -> list[Method]:
+    """Rank against number of experts at the same budget (each rank fitted to the budget)."""
+    # the counts whose fitted rank lands within 5% of the budget (LoRAMoE's router per linear rules out 4 and 8)
+    out = [_with_experts(mole(f"MoLE top-2 block, E={e}", top_k=2), e) for e in (2, 4, 8)]
+    return out + [_with_experts(loramoe("LoRAMoE, E=2", blc_weight=0.0), 2)]
+
+
+def _with_experts(method: Method, num_experts: int) -> Method:
+    make = method.config
+
+    def config(r):
+        c = make(r)
+        c.num_experts = num_experts
+        if isinstance(c, LoRAMoEConfig):
+            c.top_k = num_experts
+        c._validate()
+        return c
+
+    return dataclasses.replace(method, config=config)
+
+
+def study_balance() -> list[Method]:
+    """The balance-loss weight of top-2 MoLE (balance can fight specialization)."""
+    return [
+        mole("MoLE top-2, balance 0", top_k=2, router_aux_loss_coef=0.0),
+        mole("MoLE top-2, balance 0.01 (default)", top_k=2),
+        mole("MoLE top-2, balance 0.1", top_k=2, router_aux_loss_coef=0.1),
+    ]
+
+
+def study_smora() -> list[Method]:
+    """SMoRA's k and its selection-bias update rate."""
+    return [
+        smora("SMoRA k=1", top_k=1),
+        smora("SMoRA k=3 (default)", top_k=3),
+        smora("SMoRA k=7", top_k=7),
+        smora("SMoRA k=3, no bias update", top_k=3, bias_update_rate=0.0),
+        smora("SMoRA k=3, update 1e-3", top_k=3, bias_update_rate=1e-3),
+    ]
+
+
+def study_loramoe() -> list[Method]:
+    """LoRAMoE's localized balancing: form, delta and weight (forgetting is what it is for), at alpha = 2r and at the
+    gate-aware alpha = 2r * sqrt(E)."""
+    out = []
+    for factor, tag in ((1.0, ""), (E**0.5, ", alpha x sqrt(E)")):
+        out += [
+            loramoe(f"no LBC{tag}", alpha_factor=factor, blc_weight=0.0),
+            loramoe(f"LBC intended (0.1, 0.1){tag}", alpha_factor=factor, sample_types=True),
+            loramoe(f"LBC released (0.1, 0.1){tag}", alpha_factor=factor, sample_types=True, blc_form="released"),
+            loramoe(f"LBC intended, delta 0.5, weight 1{tag}", factor, True, blc_alpha=0.5, blc_weight=1.0),
+            loramoe(f"LBC intended, delta 0.9, weight 1{tag}", factor, True, blc_alpha=0.9, blc_weight=1.0),
+        ]
+    return out
+
+
+STUDIES = {
+    "scaling": study_scaling,
+    "top1": study_top1,
+    "experts": study_experts,
+    "balance": study_balance,
+    "smora": study_smora,
+    "loramoe": study_loramoe,
+}
 
 
 def calibration(args) -> None:
@@ -98,6 +173,7 @@ def main(argv=None) -> None:
     parser.add_argument("study", nargs="?", choices=sorted(STUDIES) + ["calibration"])
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (the lr is chosen on the first)")
     parser.add_argument("--out", default="out/quality_ablations")
+    parser.add_argument("--only", default=None, help="comma-separated substrings: run only the variants they name")
     parser.add_argument("--runs", default=None, help="the shared runs file (default: OUT/runs.jsonl)")
     parser.add_argument("--cache", default=None, help="where the pre-trained base is cached")
     parser.add_argument("--list", action="store_true")
@@ -111,8 +187,12 @@ def main(argv=None) -> None:
         return calibration(args)
     suite = dataclasses.replace(Suite(), seeds=tuple(int(s) for s in args.seeds.split(",")))
     methods = STUDIES[args.study]()
+    if args.only:
+        methods = [m for m in methods if any(k.strip() in m.name for k in args.only.split(","))]
     bench_quality(
-        out_dir=os.path.join(args.out, args.study),
+        out_dir=os.path.join(
+            args.out, args.study + (f"-seeds{args.seeds.replace(',', '')}" if args.seeds != "0" else "")
+        ),
         methods=methods,
         suite=suite,
         runs_file=args.runs or os.path.join(args.out, "runs.jsonl"),

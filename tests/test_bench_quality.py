@@ -244,3 +244,20 @@ def test_run_keys_are_the_same_in_every_process():
         for seed in ("1", "2")
     }
     assert len(keys) == 1 and len(next(iter(keys)).split()) == 2
+
+
+def test_run_keys_ignore_the_row_name_and_int_vs_float_alpha_but_not_the_config():
+    table = qm.method_table(6, 8, 32)
+    same = dataclasses.replace(
+        table["LoRAMoE"],
+        name="LoRAMoE, my ablation",
+        config=lambda r: moe_peft.LoRAMoEConfig(
+            r=r, lora_alpha=2.0 * r, num_experts=6, blc_weight=0.0, target_modules=qm.TARGETS, task_type="CAUSAL_LM"
+        ),
+    )
+    key = q._run_key(q.Suite(), table["LoRAMoE"], 5, 3e-3, 0)
+    assert q._run_key(q.Suite(), same, 5, 3e-3, 0) == key
+    assert q._run_key(q.Suite(), table["LoRAMoE + LBC"], 5, 3e-3, 0) != key  # LBC on, sample types given
+    assert q._run_key(q.Suite(), table["LoRAMoE"], 5, 3e-3, 1) != key
+    assert q._run_key(dataclasses.replace(q.Suite(), seeds=(4,)), table["LoRAMoE"], 5, 3e-3, 0) == key
+    assert q._run_key(dataclasses.replace(q.Suite(), steps=10), table["LoRAMoE"], 5, 3e-3, 0) != key

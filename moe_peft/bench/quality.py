@@ -348,6 +348,8 @@ def _stable(value):
         return sorted(_stable(v) for v in value)
     if isinstance(value, (list, tuple)):
         return [_stable(v) for v in value]
+    if isinstance(value, float) and value.is_integer():
+        return int(value)  # lora_alpha=10 and lora_alpha=10.0 train the same adapter
     return value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
 
 
@@ -356,6 +358,8 @@ def _run_key(suite: Suite, method: Method, rank: int, lr: float, seed: int) -> s
     seed; not its name, so that a study reuses the runs of another that trained the same thing."""
     config = method.config(rank)
     cfg = _stable(config.to_dict() if hasattr(config, "to_dict") else dataclasses.asdict(config))
+    if cfg.get("expert_scaling") == "lora":
+        del cfg["expert_scaling"]  # what every config did before the field existed: the runs recorded then still count
     blob = json.dumps(
         {"suite": dataclasses.asdict(suite) | {"seeds": None, "lrs": None, "timing_reps": None}, "kind": method.kind,
          "config": cfg, "lr": lr, "seed": seed, "sample_types": method.sample_types, "task_ids": method.task_ids}

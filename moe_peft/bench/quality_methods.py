@@ -158,11 +158,16 @@ def fit_rank(method: Method, base: nn.Module, budget: int, num_experts: int, max
     """(rank, trainable parameters) closest to `budget`; ValueError when even the closest is more than 5% off."""
     best = None
     for rank in range(1, max_rank + 1):
-        n = params_of(method, base, rank, num_experts)
+        try:
+            n = params_of(method, base, rank, num_experts)
+        except ValueError:  # a rank the config refuses (e.g. SMoRA with top_k > r)
+            continue
         if best is None or abs(n - budget) < abs(best[1] - budget):
             best = (rank, n)
         if n > budget:
             break
+    if best is None:
+        raise ValueError(f"method {method.name!r}: its config refuses every rank up to {max_rank}.")
     rank, n = best
     if abs(n - budget) > BUDGET_TOLERANCE * budget:
         raise ValueError(

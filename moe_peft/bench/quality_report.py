@@ -52,7 +52,7 @@ def summary_rows(suite, methods, runs, best_lr, ranks, params, budget, base, tim
     return rows
 
 
-def markdown(suite, rows, base_scores, budget, wall_s, quick) -> str:
+def markdown(suite, rows, base_scores, budget, wall_s, quick, run_s: float = 0.0, num_runs: int = 0) -> str:
     tasks, knowledge = list(suite.tasks), list(suite.knowledge_tasks)
     head = ["method", "lr"] + tasks + ["tasks mean"] + knowledge + ["knowledge", "trainable", "active/token", "step"]
     lines = [
@@ -86,7 +86,8 @@ def markdown(suite, rows, base_scores, budget, wall_s, quick) -> str:
         f"{BUDGET_TOLERANCE:.0%} except the equal-active rows). active/token: parameters that take part in one "
         "token's output. step: training step time relative to LoRA (median over rounds of the ratio, ± half its "
         "interquartile range), one step of every method per round, interleaved in the same process.",
-        f"Total wall time {wall_s / 60:.1f} min.",
+        f"Compute: {run_s / 60:.0f} min of training and evaluation over {num_runs} runs (their own wall time, "
+        f"summed; runs recorded earlier are reused); this invocation {wall_s / 60:.1f} min.",
     ]
     return "\n".join(lines + notes) + "\n"
 
@@ -166,7 +167,8 @@ def write_reports(
     rows = summary_rows(suite, methods, runs, best_lr, ranks, params, budget, base, times)
     write_csv(os.path.join(out_dir, "summary.csv"), rows)
     write_csv(os.path.join(out_dir, "runs.csv"), run_rows(suite, methods, runs))
-    md = markdown(suite, rows, base_scores, budget, wall_s, quick)
+    every = [r for m in methods for r in runs[m.name + "/grid"] + runs[m.name][1:]]
+    md = markdown(suite, rows, base_scores, budget, wall_s, quick, sum(r["seconds"] for r in every), len(every))
     with open(os.path.join(out_dir, "summary.md"), "w") as f:
         f.write(md)
     plot(os.path.join(out_dir, "quality.png"), suite, rows, log)
