@@ -24,7 +24,6 @@ import time
 import warnings
 
 import torch
-import yaml
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM, TrainingArguments
 
@@ -42,20 +41,21 @@ from moe_peft.tiny import pretrain_tiny_moe
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+# set by this example itself, whatever the YAML says
+_OWN_ARGUMENTS = {"output_dir", "report_to", "save_strategy", "use_cpu", "remove_unused_columns", "disable_tqdm"}
+
+
 def load_config(path: str) -> tuple[dict, dict]:
-    """The YAML's `roma:` block (RoMAConfig fields) and `training:` block (TrainingArguments fields)."""
-    with open(path) as f:
-        raw = yaml.safe_load(f) or {}
-    unknown = set(raw) - {"roma", "training"}
-    if unknown:
-        raise ValueError(f"{path}: unknown top-level keys {sorted(unknown)}; use `roma:` and `training:`.")
-    roma, training = raw.get("roma") or {}, raw.get("training") or {}
-    for block, cls in ((roma, RoMAConfig), (training, TrainingArguments)):
-        names = {f.name for f in dataclasses.fields(cls)}
-        bad = sorted(set(block) - names)
-        if bad:
-            raise ValueError(f"{path}: {bad} are not {cls.__name__} fields.")
-    return roma, training
+    """The YAML's `adapter:` block (RoMAConfig fields) and the keys of its `training:` block (trl.SFTConfig fields, as
+    `moe-peft train` reads them) that transformers.TrainingArguments has. The YAML is checked as `moe-peft train`
+    checks it: an unknown key is an error that names the closest valid one."""
+    from moe_peft.train.config import load_config as load_training_config
+
+    config = load_training_config(path)
+    if config.method != "roma":
+        raise ValueError(f"{path}: method={config.method!r}; this example needs a RoMA config (method: roma).")
+    names = {f.name for f in dataclasses.fields(TrainingArguments)} - _OWN_ARGUMENTS
+    return dict(config.adapter), {k: v for k, v in config.training.items() if k in names}
 
 
 def read_jsonl(path: str) -> list[dict]:

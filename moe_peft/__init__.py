@@ -7,7 +7,7 @@
 Importing this package registers the methods with PEFT (once; see _registration.py).
 """
 
-from . import experts, mhr, multi_lora, phatgoose
+from . import experts, mhr, multi_lora, phatgoose, stats
 from ._registration import forward_task_ids, register_methods
 from .accumulation import accumulation_weight
 from .config import LoRAMoEConfig, MoELoraConfig, MoLEConfig, SMoRAConfig
@@ -40,7 +40,20 @@ register_methods(
 )
 forward_task_ids({"MHR", "PHATGOOSE"})  # PEFT's task-specific models pass task_ids on only for its own Poly otherwise
 
+
+def __getattr__(name: str):
+    # the trainer imports TRL (slow to import): load it on first use only
+    if name in ("MoESFTTrainer", "RoutingStatsCallback"):
+        from . import train
+
+        return getattr(train, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
+    "MoESFTTrainer",
+    "RoutingStatsCallback",
+    "stats",
     "MoELoraConfig",
     "MoLEConfig",
     "LoRAMoEConfig",

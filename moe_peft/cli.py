@@ -37,6 +37,24 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--methods", default=None, help="quality only: comma-separated method names (default: all)")
     bench.add_argument("--cache", default=None, help="quality only: where the pre-trained base is cached")
     bench.add_argument("--fresh", action="store_true", help="quality only: rerun instead of reusing results.jsonl")
+    train = sub.add_parser(
+        "train", help="train an adapter from a YAML config with MoESFTTrainer (TRL), save it and its plots"
+    )
+    train.add_argument("config", help="a training YAML (configs/*.yaml)")
+    train.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a value: block.key=value (training.max_steps=20, model=/path, data.train=my.jsonl) or key=value",
+    )  # fmt: skip
+    train.add_argument("--threads", type=int, default=None, help="torch threads (default: the config's, 1)")
+    stats = sub.add_parser("stats", help="routing statistics and plots of a trained adapter on a data file")
+    stats.add_argument("adapter", help="the adapter directory (moe-peft train writes <output_dir>/adapter)")
+    stats.add_argument("--data", required=True, help="a .json/.jsonl/.csv file, a datasets name/path, or 'bundled'")
+    stats.add_argument("--out", required=True, help="where stats.json and the PNG plots go")
+    stats.add_argument("--by", default="task", choices=["task", "sample_type", "none"])
+    stats.add_argument("--samples", type=int, default=256, help="rows measured (the first N)")
+    stats.add_argument("--batch-size", type=int, default=32)
+    stats.add_argument("--base", default=None, help="the base model (default: the one the adapter records)")
+    stats.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
 
     if args.command == "demo":
@@ -71,7 +89,46 @@ def main(argv: list[str] | None = None) -> int:
             from .bench import bench_multi
 
             bench_multi(device=args.device, reps=args.reps, adapters=args.adapters)
+    elif args.command in ("train", "stats"):
+        from .train.config import ConfigError
+        from .train.data import DataError
+
+        _quiet_library_warnings()
+        try:
+            _train_or_stats(args)
+        except (ConfigError, DataError, FileNotFoundError) as error:  # the user's YAML or data: no traceback
+            print(f"moe-peft {args.command}: {error}", file=sys.stderr)
+            return 2
     return 0
+
+
+def _quiet_library_warnings() -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notices between transformers and TRL
+    warnings.filterwarnings("ignore", message=".*pin_memory.*no accelerator.*")
+
+
+def _train_or_stats(args) -> None:
+    if args.command == "train":
+        from .train.config import load_config
+        from .train.run import train_from_config
+
+        config = load_config(args.config, args.overrides)
+        if args.threads is not None:
+            config.threads = args.threads
+        run = train_from_config(config)
+        print(f"\ntrained {config.method} in {run.seconds:.1f} s; wrote:")
+        paths = run.paths
+    else:
+        from .train.run import stats_from_adapter
+
+        paths = stats_from_adapter(
+            args.adapter, args.data, args.out, by=None if args.by == "none" else args.by, samples=args.samples,
+            batch_size=args.batch_size, base=args.base, threads=args.threads,
+        )  # fmt: skip
+    for what, path in paths.items():
+        print(f"  {what:<18} {path}")
 
 
 if __name__ == "__main__":

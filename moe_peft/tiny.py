@@ -182,3 +182,44 @@ def pretrain_tiny_moe(
         optimizer.zero_grad(set_to_none=True)
     model.eval().save_pretrained(path)
     return path
+
+
+# A chat template the tiny tokenizer understands: one line per turn, the assistant's answer closed by EOS.
+# The prompt rendered with add_generation_prompt=True is a prefix of prompt + answer (what TRL's completion-only
+# loss needs).
+TINY_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'assistant' -%}{{ 'assistant: ' + message['content'] + eos_token }}"
+    "{%- else -%}{{ message['role'] + ': ' + message['content'] + '\n' }}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ 'assistant: ' }}{%- endif -%}"
+)
+
+
+def char_tokenizer():
+    """A character-level `PreTrainedTokenizerFast` built locally (no download), for TRL and the tiny models.
+
+    Ids 0..3 are <pad>, <bos>, <eos>, <unk> (the tiny models' special ids), then printable ASCII and newline, one
+    token per character; a text is encoded as <bos> + its characters. It has a chat template (`TINY_CHAT_TEMPLATE`)
+    and saves / reloads with `save_pretrained` / `AutoTokenizer.from_pretrained`.
+    """
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<bos>", "<eos>", "<unk>"]
+    chars = [c for c in string.printable if c not in "\t\r\x0b\x0c"]  # letters, digits, punctuation, " ", "\n"
+    vocab = {token: i for i, token in enumerate(specials + chars)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")  # one token per character
+    backend.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", vocab["<bos>"])]
+    )
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
+    )
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    return tokenizer

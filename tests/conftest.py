@@ -57,6 +57,14 @@ def make_config(case: str, **overrides):
 CASES = ["mole_block", "mole_linear_top2", "mole_null", "mole_top_p", "loramoe", "smora"]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def tiny_base_cache(tmp_path_factory):
+    """`model: tiny` bases are built once per test session, in a temporary cache (not the user's ~/.cache)."""
+    if "MOE_PEFT_CACHE" not in os.environ:
+        os.environ["MOE_PEFT_CACHE"] = str(tmp_path_factory.mktemp("moe_peft_cache"))
+    return os.environ["MOE_PEFT_CACHE"]
+
+
 @pytest.fixture
 def base():
     return tiny_llama(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_layers=2, seed=0)

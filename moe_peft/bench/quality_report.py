@@ -1,5 +1,4 @@
-"""The outputs of `moe-peft bench quality`: summary.csv, runs.csv, summary.md and quality.png (matplotlib, the
-`bench` extra; without it the PNG is skipped with a message)."""
+"""The outputs of `moe-peft bench quality`: summary.csv, runs.csv, summary.md and quality.png (matplotlib)."""
 
 from __future__ import annotations
 
@@ -113,15 +112,12 @@ def run_rows(suite, methods, runs) -> list[dict]:
     return out
 
 
-def plot(path: str, suite, rows: list[dict], log) -> bool:
-    try:
-        import matplotlib
+def plot(path: str, suite, rows: list[dict]) -> None:
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log("matplotlib is not installed: skipped quality.png (pip install 'moe-peft[bench]')")
-        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     names = [r["method"] for r in rows]
     x = range(len(rows))
     fig, (ax, heat) = plt.subplots(2, 1, figsize=(max(8, 0.75 * len(rows)), 9), height_ratios=[1, 1.1])
@@ -158,7 +154,6 @@ def plot(path: str, suite, rows: list[dict], log) -> bool:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return True
 
 
 def write_reports(
@@ -171,6 +166,6 @@ def write_reports(
     md = markdown(suite, rows, base_scores, budget, wall_s, quick, sum(r["seconds"] for r in every), len(every))
     with open(os.path.join(out_dir, "summary.md"), "w") as f:
         f.write(md)
-    plot(os.path.join(out_dir, "quality.png"), suite, rows, log)
+    plot(os.path.join(out_dir, "quality.png"), suite, rows)
     log("\n" + md)
     return rows

@@ -68,8 +68,13 @@ class RoMALossMixin:
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         index = inputs.pop(INDEX_COLUMN, None)
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        if index is not None and model.training:
+        # return_outputs passed on as asked: TRL's SFTTrainer runs an extra no_grad forward for the outputs, which
+        # would replace the routing captured in the training forward
+        result = super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
+        loss, outputs = result if return_outputs else (result, None)
+        if index is not None and model.training and getattr(self, "roma_reference", None) is not None:
             self._maybe_refresh(model)
             reg = alignment_loss(model, self.roma_reference.neighbours(index), step=self.state.global_step)
             # a per-micro-batch mean: 1/steps here when Trainer leaves accumulation to the loss (moe_peft/accumulation.py)
@@ -87,7 +92,7 @@ class RoMALossMixin:
             self.roma_reference.refresh(model, self.train_dataset, collate, self.roma_refresh_batch_size)
 
     def log(self, logs: dict, *args, **kwargs) -> None:
-        if self._roma_count and "loss" in logs:
+        if getattr(self, "_roma_count", 0) and "loss" in logs:
             logs["roma_alignment"] = round(self._roma_sum / self._roma_count, 6)
             self._roma_sum, self._roma_count = 0.0, 0
         super().log(logs, *args, **kwargs)
@@ -99,7 +104,7 @@ class RoMATrainer(RoMALossMixin, Trainer):
         RoMATrainer(model=peft_model, args=TrainingArguments(learning_rate=7e-5, ...), train_dataset=ds,
                     data_collator=collator, reference=build_reference(peft_model, ds, tokenizer, collator))
 
-    For TRL: `class RoMASFTTrainer(RoMALossMixin, trl.SFTTrainer)` with the same `_roma_setup` call.
+    For TRL: `moe_peft.MoESFTTrainer` (RoMALossMixin + trl.SFTTrainer) takes a RoMA adapter and its reference.
     """
 
     def __init__(self, *args, reference: RoMAReference, refresh_batch_size: Optional[int] = None, **kwargs):

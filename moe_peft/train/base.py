@@ -1,0 +1,125 @@
+"""The base model of a training run: `model: tiny` (a bundled tiny model trained in full on bundled tasks, cached
+on disk so that adapters record a path they reload from) or a hub id / local path."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+
+import torch
+
+from ..data import DEFAULT_TASKS, make_samples
+from ..tiny import char_tokenizer, tiny_llama, tiny_moe
+from .config import TinyBaseConfig
+from .data import tokenize_example
+
+BASE_ALPHABET = "abcdefghijklmnopqrstuvwx"  # the letters a tiny Llama base learns (bundled tasks use a-j)
+MOE_ALPHABET = "abcdefghij"  # a tiny MoE base learns the bundled tasks themselves (RoMA needs successes)
+LLAMA_TASKS = ("cpy", "dup")  # what a tiny Llama base knows before any adapter: the format, the characters
+
+
+def cache_root() -> str:
+    return os.environ.get("MOE_PEFT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "moe_peft")
+
+
+def tiny_arch(config: TinyBaseConfig, method: str) -> str:
+    return config.arch or ("mixtral" if method == "roma" else "llama")
+
+
+def tiny_base_path(config: TinyBaseConfig, method: str) -> str:
+    """The tiny base's directory: built and trained on first use, then reused (the key covers every setting)."""
+    arch = tiny_arch(config, method)
+    tasks = list(config.pretrain_tasks or (DEFAULT_TASKS if arch != "llama" else LLAMA_TASKS))
+    alphabet = config.pretrain_alphabet or (BASE_ALPHABET if arch == "llama" else MOE_ALPHABET)
+    settings = {
+        "arch": arch,
+        "steps": config.pretrain_steps,
+        "batch": config.pretrain_batch_size,
+        "lr": config.pretrain_lr,
+        "tasks": tasks,
+        "alphabet": alphabet,
+        "hidden": config.hidden_size,
+        "layers": config.num_layers,
+        "seed": config.seed,
+        "threads": torch.get_num_threads(),  # float sums, and so the trained weights, depend on it
+        "format": 1,  # bump when the pretraining recipe changes
+    }
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    path = os.path.join(cache_root(), f"tiny-{arch}-{key}")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        _build_tiny_base(path, arch, tasks, alphabet, config)
+    return path
+
+
+def _build_tiny_base(path: str, arch: str, tasks: list[str], alphabet: str, config: TinyBaseConfig) -> None:
+    tokenizer = char_tokenizer()
+    vocab = len(tokenizer)
+    if arch == "llama":
+        model = tiny_llama(vocab, config.hidden_size, config.num_layers, 2 * config.hidden_size, seed=config.seed)
+    else:
+        model = tiny_moe(
+            arch, vocab, config.hidden_size, config.num_layers, num_experts=8, top_k=2,
+            intermediate_size=2 * config.hidden_size, seed=config.seed,
+        )  # fmt: skip
+    steps, batch_size = config.pretrain_steps, config.pretrain_batch_size
+    if steps:
+        torch.manual_seed(config.seed)
+        samples = make_samples(steps * batch_size, tasks, seed=config.seed, alphabet=alphabet)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.pretrain_lr)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.pretrain_lr, total_steps=steps, pct_start=0.1)
+        model.train()
+        for step in range(steps):
+            batch = _batch(samples[step * batch_size : (step + 1) * batch_size], tokenizer)
+            model(**batch).loss.backward()
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=os.path.basename(path) + ".", dir=os.path.dirname(path))
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    try:
+        os.replace(staging, path)  # atomic: a concurrent run sees the whole directory or none
+    except OSError:  # another run finished first
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _batch(samples: list[dict], tokenizer) -> dict[str, torch.Tensor]:
+    """<bos> prompt completion <eos>, right-padded; the loss on the completion only."""
+    rows = []
+    for s in samples:
+        ids = tokenize_example(s, tokenizer)["input_ids"]
+        prompt = len(tokenizer(s["prompt"])["input_ids"])
+        rows.append((ids, [-100] * prompt + ids[prompt:]))
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)  # [B, S]
+    labels = torch.full_like(input_ids, -100)
+    mask = torch.zeros_like(input_ids)
+    for i, (ids, lab) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, : len(lab)] = torch.tensor(lab)
+        mask[i, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def resolve_base(model: str, method: str, tiny: TinyBaseConfig) -> str:
+    """A path or hub id TRL / transformers can load: the cached tiny base for "tiny", else `model` itself."""
+    if model == "tiny":
+        return os.path.abspath(tiny_base_path(tiny, method))
+    return model
+
+
+def load_tokenizer(base: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(base)
+
+
+def load_model(base: str, init_kwargs: dict | None = None):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(base, **(init_kwargs or {}))
