@@ -34,6 +34,9 @@ def mole(name: str, alpha_factor: float = 1.0, **kw) -> Method:
 
 
 def loramoe(name: str, alpha_factor: float = 1.0, sample_types: bool = False, **kw) -> Method:
+    # the studies vary lora_alpha itself: plain alpha / r scaling (LoRAMoE's default, sqrt_gate, would apply sqrt(E)
+    # on top; 2r * sqrt(E) with "lora" trains exactly what the default trains at 2r)
+    kw.setdefault("expert_scaling", "lora")
     return Method(
         name,
         "moe",

@@ -249,7 +249,13 @@ class LoRAMoEConfig(MoELoraConfig):
     num_experts: int = field(default=8, metadata={"help": "Experts per linear (released: 8)."})
     top_k: Optional[int] = field(default=None, metadata={"help": "Dense: always num_experts."})
     r: int = field(default=4, metadata={"help": "Rank of each expert (released: 4)."})
-    lora_alpha: float = field(default=32.0, metadata={"help": "Released: 32."})
+    # the usual LoRA alpha = 2r with the gate-aware scaling sqrt(E) (docs/quality.md: at alpha = 2r and "lora" scaling
+    # the dense softmax gate ~1/E leaves the experts' update too small to learn the substitution tasks). The released
+    # recipe is lora_alpha=32, expert_scaling="lora" (scaling 8 at r=4, E=8).
+    lora_alpha: float = field(default=8.0, metadata={"help": "2r; released: 32 with expert_scaling='lora'."})
+    expert_scaling: Literal["lora", "sqrt_gate", "gate"] = field(
+        default="sqrt_gate", metadata={"help": "LoRAMoE: 'sqrt_gate' (lora_alpha / r * sqrt(num_experts))."}
+    )
     router_aux_loss_coef: float = field(default=0.0, metadata={"help": "Switch balance loss (off: LoRAMoE uses LBC)."})
     blc_alpha: float = field(default=0.1, metadata={"help": "LBC delta."})
     blc_weight: float = field(default=0.1, metadata={"help": "LBC loss weight."})

@@ -261,3 +261,11 @@ def test_run_keys_ignore_the_row_name_and_int_vs_float_alpha_but_not_the_config(
     assert q._run_key(q.Suite(), table["LoRAMoE"], 5, 3e-3, 1) != key
     assert q._run_key(dataclasses.replace(q.Suite(), seeds=(4,)), table["LoRAMoE"], 5, 3e-3, 0) == key
     assert q._run_key(dataclasses.replace(q.Suite(), steps=10), table["LoRAMoE"], 5, 3e-3, 0) != key
+    # LoRAMoE's default scaling (sqrt_gate) trains another adapter than alpha / r: not the runs recorded before it
+    plain = dataclasses.replace(
+        same, config=lambda r: moe_peft.LoRAMoEConfig(
+            r=r, lora_alpha=2 * r, num_experts=6, blc_weight=0.0, expert_scaling="lora", target_modules=qm.TARGETS,
+            task_type="CAUSAL_LM",
+        )
+    )  # fmt: skip
+    assert q._run_key(q.Suite(), plain, 5, 3e-3, 0) != key
