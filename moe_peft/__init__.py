@@ -12,6 +12,8 @@ from ._registration import forward_task_ids, register_methods
 from .accumulation import accumulation_weight
 from .config import LoRAMoEConfig, MoELoraConfig, MoLEConfig, SMoRAConfig
 from .experts import import_lora_adapter
+from .export import STRATEGIES as EXPORT_STRATEGIES
+from .export import ExportResult, NativeMoEError, export
 from .mhr import MHRConfig, MHRModel, import_poly_adapter
 from .model import (
     LoRAMoEModel,
@@ -69,6 +71,10 @@ __all__ = [
     "PhatgooseModel",
     "import_poly_adapter",
     "import_lora_adapter",
+    "export",
+    "EXPORT_STRATEGIES",
+    "ExportResult",
+    "NativeMoEError",
     "experts",
     "mhr",
     "multi_lora",

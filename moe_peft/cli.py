@@ -55,8 +55,15 @@ def main(argv: list[str] | None = None) -> int:
     stats.add_argument("--batch-size", type=int, default=32)
     stats.add_argument("--base", default=None, help="the base model (default: the one the adapter records)")
     stats.add_argument("--threads", type=int, default=1)
+    from .export.cli import add_parser as add_merge_parser
+
+    add_merge_parser(sub)
     args = parser.parse_args(argv)
 
+    if args.command == "merge":
+        from .export.cli import run as run_merge
+
+        return run_merge(args)
     if args.command == "demo":
         from .demo import run_demo
 

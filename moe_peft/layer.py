@@ -227,18 +227,20 @@ class MoELoraLinear(nn.Module, BaseTunerLayer):
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         config = self.configs[adapter]
         if not is_mergeable(config):
+            from .export import merge_hint
+
             if isinstance(config, SMoRAConfig):
                 what = (
                     f"is a SMoRA adapter: every token activates its own top_k={config.top_k} of the r={config.r} "
                     "ranks of its LoRA"
                 )
-                only = "a plain PEFT LoRA (LoraConfig) merges"
+                only = "A plain PEFT LoRA (LoraConfig) merges"
             else:
                 what = f"routes every token to its own experts (num_experts={config.num_experts})"
-                only = "only a single-expert adapter (num_experts=1, no null experts) merges exactly"
+                only = "Only a single-expert adapter (num_experts=1, no null experts) merges exactly"
             raise ValueError(
                 f"Adapter '{adapter}' {what}, so it is not one fixed weight and cannot be merged into the base "
-                f"layer. Keep it unmerged for inference; {only}."
+                f"layer; nothing was changed. {merge_hint(config)} {only}."
             )
         a, b = self.experts_A[adapter], self.experts_B[adapter]
         return (b[0] @ a[0]) * self.scalings[adapter]  # [out, r] @ [r, in] -> [out, in]

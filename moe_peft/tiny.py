@@ -33,6 +33,42 @@ def tiny_llama(
     return LlamaForCausalLM(config).eval()
 
 
+def tiny_dense(
+    arch: str = "llama",
+    vocab_size: int = 64,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    intermediate_size: int = 48,
+    seed: int = 0,
+):
+    """A randomly initialized dense decoder: "llama", "mistral", "qwen2" (q/k/v biases) or "qwen3" (q/k norms)."""
+    import transformers
+
+    names = {
+        "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+        "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=None)),
+        "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+        "qwen3": (
+            "Qwen3Config",
+            "Qwen3ForCausalLM",
+            dict(head_dim=hidden_size // _DECODER_DEFAULTS["num_attention_heads"]),
+        ),
+    }
+    if arch not in names:
+        raise ValueError(f"arch={arch!r} is invalid: use one of {sorted(names)}.")
+    config_name, model_name, extra = names[arch]
+    config = getattr(transformers, config_name)(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        **_DECODER_DEFAULTS,
+        **extra,
+    )
+    torch.manual_seed(seed)
+    return getattr(transformers, model_name)(config).eval()
+
+
 def tiny_llava(vocab_size: int = 64, hidden_size: int = 32, seed: int = 0):
     """A LLaVA (CLIP vision tower + Llama language model) with 8x8 images of 4x4 patches."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
@@ -133,6 +169,44 @@ def tiny_moe(
     return getattr(transformers, model_name)(config).eval()
 
 
+def train_on_tasks(
+    model,
+    tokenizer,
+    steps: int,
+    tasks=None,
+    seed: int = 0,
+    batch_size: int = 32,
+    lr: float = 3e-3,
+    shuffle_seed=None,
+) -> list[float]:
+    """Train the trainable parameters of `model` on `steps` batches of the bundled tasks (AdamW, one-cycle schedule,
+    loss on the answers); returns the losses. shuffle_seed fixes the batch order (None: torch's global RNG)."""
+    from .data import DEFAULT_TASKS, Collator, make_dataset
+
+    data = make_dataset(steps * batch_size, tasks=tuple(tasks or DEFAULT_TASKS), seed=seed, tokenizer=tokenizer)
+    loader = torch.utils.data.DataLoader(
+        data.remove_columns(["task", "prompt", "completion", "sample_type"]),
+        batch_size=batch_size,
+        shuffle=True,
+        collate_fn=Collator(tokenizer),
+        generator=None if shuffle_seed is None else torch.Generator().manual_seed(shuffle_seed),
+    )
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    model.train()
+    losses = []
+    for step, batch in enumerate(loader):
+        if step == steps:
+            break
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
 def pretrain_tiny_moe(
     arch: str,
     tokenizer,
@@ -148,7 +222,7 @@ def pretrain_tiny_moe(
     count is in its name: floating-point sums, and so the trained weights, depend on it)."""
     import os
 
-    from .data import DEFAULT_TASKS, Collator, make_dataset
+    from .data import DEFAULT_TASKS
 
     tasks = tuple(tasks or DEFAULT_TASKS)
     path = os.path.join(out_dir, f"base-{arch}-{steps}-{seed}-{'-'.join(tasks)}-t{torch.get_num_threads()}")
@@ -163,23 +237,7 @@ def pretrain_tiny_moe(
         intermediate_size=128,
         seed=seed,
     )
-    data = make_dataset(steps * batch_size, tasks=tasks, seed=seed, tokenizer=tokenizer)
-    loader = torch.utils.data.DataLoader(
-        data.remove_columns(["task", "prompt", "completion", "sample_type"]),
-        batch_size=batch_size,
-        shuffle=True,
-        collate_fn=Collator(tokenizer),
-    )
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
-    model.train()
-    for step, batch in enumerate(loader):
-        if step == steps:
-            break
-        model(**batch).loss.backward()
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
+    train_on_tasks(model, tokenizer, steps, tasks=tasks, seed=seed, batch_size=batch_size, lr=lr)
     model.eval().save_pretrained(path)
     return path
 

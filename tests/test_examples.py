@@ -96,3 +96,24 @@ def test_multi_adapter_serving_example_trains_saves_and_serves_a_mixed_batch(tmp
             AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "adapters" / adapter
         )
         assert reloaded.peft_config["default"].r == 8
+
+
+def test_deploy_example_exports_every_way_and_the_native_checkpoint_loads_without_moe_peft(tmp_path):
+    example = load_example("deploy_export")
+    threads = torch.get_num_threads()
+    try:
+        result = example.main(["--quick", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    rows = result["rows"]
+    assert set(rows) == {"native_moe", "average", "routing_weighted", "svd", "svd rank 32"}
+    assert rows["native_moe"]["exact"] and rows["native_moe"]["measured_error"]["kl_mean"] < 1e-9
+    assert all(not rows[k]["exact"] and rows[k]["measured_error"]["kl_mean"] > 0 for k in rows if k != "native_moe")
+    assert result["fresh_class"] == "MixtralForCausalLM" and result["fresh_same_tokens"]
+    assert result["fresh_max_diff"] < 1e-4 and result["refused"] is None
+    try:  # MoLE's default router bias, trained: native_moe refuses it and says so, the approximations still run
+        biased = example.main(["--quick", "--router-bias", "--out", str(tmp_path / "biased")])
+    finally:
+        torch.set_num_threads(threads)
+    assert "router_bias=True" in biased["refused"] and "native_moe" not in biased["rows"]
+    assert set(biased["rows"]) == {"average", "routing_weighted", "svd", "svd rank 32"}

@@ -12,6 +12,7 @@ from peft import LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM
 from trl import SFTConfig
 
+import moe_peft
 from moe_peft.cli import main
 from moe_peft.train.config import ConfigError, apply_override, load_config, method_config_class
 from moe_peft.train.run import train_from_config
@@ -22,7 +23,10 @@ METHODS = ["loramoe", "mhr", "mole", "phatgoose", "roma", "smora"]
 
 
 def test_one_shipped_config_per_method():
-    assert [p.stem for p in CONFIGS] == METHODS
+    # configs/<method>.yaml for every method, plus setups of one method on another base (mole_mixtral.yaml)
+    assert [p.stem for p in CONFIGS if p.stem in METHODS] == METHODS
+    for path in CONFIGS:
+        assert load_config(str(path)).method == path.stem.split("_")[0], path
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
@@ -33,7 +37,9 @@ def test_shipped_config_blocks_map_onto_their_dataclasses(path):
     adapter = method_config_class(config.method)(**config.adapter, **assembled)  # assemble() fills the rest
     for key, value in config.adapter.items():
         got = getattr(adapter, key)
-        assert (sorted(got) if isinstance(got, set) else got) == (sorted(value) if isinstance(value, list) else value)
+        assert (sorted(got) if isinstance(got, (set, list)) else got) == (
+            sorted(value) if isinstance(value, list) else value
+        )
     training = SFTConfig(**config.training)
     for key, value in config.training.items():
         assert getattr(training, key) == value or key == "report_to", key
@@ -138,6 +144,9 @@ def test_shipped_config_trains_end_to_end(path, tmp_path, capsys):
     assert json.loads((adapter / "tasks.json").read_text()) == sorted(load_config(str(path)).data.bundled_tasks)
     with torch.no_grad():
         model(input_ids=torch.tensor([[1, 5, 6, 7]]), **({"task_ids": torch.tensor([0])} if path.stem == "mhr" else {}))
+    if path.stem == "mole_mixtral":  # the YAML's target_parameters reached the fused experts (one LoRA per expert)
+        experts = [m for m in model.modules() if isinstance(m, moe_peft.experts.MoELoraExperts)]
+        assert len(experts) == 2 and all(set(m.mole_A["default"]) == {"gate_up_proj", "down_proj"} for m in experts)
 
 
 def test_stats_command_on_a_trained_adapter(tmp_path, capsys):

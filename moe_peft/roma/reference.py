@@ -41,9 +41,14 @@ _REFERENCE_KNOBS = (
 # -- which samples are successful --------------------------------------------------------------------
 @torch.no_grad()
 def generate_answers(
-    model: nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int = 16, batch_size: int = 64
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int = 16,
+    batch_size: int = 64,
+    extra: Optional[Callable[[int], dict]] = None,
 ) -> list[str]:
-    """Greedy answers (left-padded batches, KV cache on)."""
+    """Greedy answers (left-padded batches, KV cache on); `extra(batch)` adds keywords to generate (task_ids)."""
     device = next(model.parameters()).device
     eos = getattr(tokenizer, "eos_token_id", None)
     answers = []
@@ -57,6 +62,7 @@ def generate_answers(
             do_sample=False,
             eos_token_id=eos,
             pad_token_id=pad_id_of(tokenizer),
+            **(extra(ids.shape[0]) if extra is not None else {}),
         )
         for row in out[:, ids.shape[1] :].tolist():  # [B, S + new] -> the new tokens
             if eos is not None and eos in row:
@@ -72,10 +78,11 @@ def exact_match_success(
     answers: Sequence[str],
     max_new_tokens: Optional[int] = None,
     batch_size: int = 64,
+    extra: Optional[Callable[[int], dict]] = None,
 ) -> list[bool]:
     """Generation tasks: a sample is successful when the greedy answer equals the reference (stripped)."""
     max_new_tokens = max_new_tokens or max(len(encode_text(tokenizer, a)) for a in answers) + 2
-    got = generate_answers(model, tokenizer, list(prompts), max_new_tokens, batch_size)
+    got = generate_answers(model, tokenizer, list(prompts), max_new_tokens, batch_size, extra)
     return [g.strip() == a.strip() for g, a in zip(got, answers)]
 
 
