@@ -8,6 +8,7 @@ Importing this package registers the methods with PEFT (once; see _registration.
 """
 
 from . import experts, mhr, multi_lora, phatgoose, stats
+from ._atomic_save import atomic_saves
 from ._registration import forward_task_ids, register_methods
 from .accumulation import accumulation_weight
 from .config import LoRAMoEConfig, MoELoraConfig, MoLEConfig, SMoRAConfig
@@ -40,6 +41,7 @@ register_methods(
         "ROMA": (RoMAConfig, RoMAModel),
     }
 )
+atomic_saves({"MOLE", "LORAMOE", "SMORA", "MHR", "PHATGOOSE", "ROMA"})  # save_pretrained never leaves half an adapter
 forward_task_ids({"MHR", "PHATGOOSE"})  # PEFT's task-specific models pass task_ids on only for its own Poly otherwise
 
 

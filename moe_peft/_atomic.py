@@ -9,7 +9,9 @@ into place only once every file is written and flushed.
 A rename within one parent directory is atomic on POSIX file systems, so a reader sees either no directory (or
 the previous one) or the complete new one, never a half-written directory that a loader would accept. A process
 killed mid-write can leave only the hidden temporary sibling (`.<name>.tmp-*`), which no loader is pointed at.
-Used by `moe_peft.export`; meant for every `save_pretrained` of moe-peft (issue 16).
+Used by `moe_peft.export`, whose outputs are directories of their own. A moe-peft adapter's `save_pretrained` is
+atomic through `moe_peft._atomic_save` instead, which publishes into the directory file by file (each adapter's config
+last), because a Trainer checkpoint directory holds other files that must stay.
 """
 
 from __future__ import annotations

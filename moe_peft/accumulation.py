@@ -68,20 +68,39 @@ def label_share(model: nn.Module, kwargs: dict[str, Any]) -> Optional[torch.Tens
     return local.float() / total.float().clamp_min(1)
 
 
+def trainer_reads_scaled_flag() -> bool:
+    """Whether the installed transformers.Trainer reads `loss_is_scaled_for_ga` (a class attribute added after
+    transformers 5.17; before it, training_step divides the loss by the accumulation steps unless the model
+    accepts loss kwargs and got `num_items_in_batch`, or a `compute_loss_func` is set)."""
+    from transformers import Trainer
+
+    return hasattr(Trainer, "loss_is_scaled_for_ga")
+
+
+def loss_is_scaled_for_ga(trainer: Any, num_items_in_batch: Any = None) -> bool:
+    """Whether Trainer.training_step will leave the loss `compute_loss` returned undivided by the accumulation
+    steps: the installed transformers' rule, so that it holds from 5.17 on."""
+    scaled = getattr(trainer, "loss_is_scaled_for_ga", None) if trainer_reads_scaled_flag() else None
+    if scaled is None:
+        scaled = (getattr(trainer, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None) or (
+            getattr(trainer, "compute_loss_func", None) is not None
+        )
+    return bool(scaled)
+
+
+def accumulation_steps(trainer: Any) -> int:
+    """The accumulation steps of the current optimizer step (fewer for a short last window)."""
+    return getattr(trainer, "current_gradient_accumulation_steps", None) or trainer.args.gradient_accumulation_steps
+
+
 def accumulation_weight(trainer: Any, num_items_in_batch: Any = None) -> float:
     """The weight of a per-micro-batch loss added to what `compute_loss` returns in a transformers Trainer
     (or a subclass such as TRL's SFTTrainer): 1 / current_gradient_accumulation_steps when the trainer treats
     the loss as already scaled for gradient accumulation, else 1 (the trainer divides by the steps itself).
 
-    The decision is Trainer.training_step's: its `loss_is_scaled_for_ga` if set, else whether the task loss
-    was normalized by `num_items_in_batch` (the model accepts loss kwargs) or by a `compute_loss_func`.
-    Add the weighted term after the parent's compute_loss, which has already applied the
-    average_tokens_across_devices multiplication.
+    The decision is Trainer.training_step's (`loss_is_scaled_for_ga` above): its `loss_is_scaled_for_ga` if set
+    (and read by the installed transformers), else whether the task loss was normalized by `num_items_in_batch`
+    (the model accepts loss kwargs) or by a `compute_loss_func`. Add the weighted term after the parent's
+    compute_loss, which has already applied the average_tokens_across_devices multiplication.
     """
-    scaled = getattr(trainer, "loss_is_scaled_for_ga", None)
-    if scaled is None:
-        scaled = (getattr(trainer, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None) or (
-            getattr(trainer, "compute_loss_func", None) is not None
-        )
-    steps = getattr(trainer, "current_gradient_accumulation_steps", None) or trainer.args.gradient_accumulation_steps
-    return 1.0 / steps if scaled else 1.0
+    return 1.0 / accumulation_steps(trainer) if loss_is_scaled_for_ga(trainer, num_items_in_batch) else 1.0

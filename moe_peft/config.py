@@ -7,8 +7,14 @@ Equations and defaults: docs/methods.md.
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import numbers
+import types
+import typing
+import warnings
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from peft.config import PeftConfig
 
@@ -25,8 +31,89 @@ def _bad(field_name: str, value, fix: str) -> ValueError:
     return ValueError(f"{field_name}={value!r} is invalid: {fix}")
 
 
+class ConfigFile(PeftConfig):
+    """What every moe-peft config does with its `adapter_config.json` (no fields of its own):
+
+    * sets (`target_modules`, `exclude_modules`) are written as sorted lists, so that every process and every
+      data-parallel rank writes the same file (PEFT writes a set in hash order, which differs between processes);
+    * keys this moe-peft version does not know (an adapter saved by a newer moe-peft) are dropped with a warning that
+      names them and the config class, instead of PEFT's generic advice to upgrade PEFT.
+    """
+
+    def __post_init__(self):
+        check_field_types(self)  # before any field-specific check compares a value of the wrong type
+        super().__post_init__()
+
+    def to_dict(self) -> dict:
+        return {k: sorted(v) if isinstance(v, set) else v for k, v in super().to_dict().items()}
+
+    @classmethod
+    def check_kwargs(cls, **kwargs):
+        kwargs = super().check_kwargs(**kwargs)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            warnings.warn(
+                f"{cls.__name__}: the adapter config has keys this moe-peft version does not know: {unknown}; they are "
+                "ignored. It was probably saved by a newer moe-peft: upgrade moe-peft (pip install -U moe-peft) if the "
+                "adapter must behave exactly as it did there.",
+                stacklevel=2,
+            )
+        return {k: v for k, v in kwargs.items() if k in known}
+
+
+def _conforms(value: Any, hint: Any) -> bool:
+    """Whether `value` fits a field annotation: int (not bool), float (finite; an int is fine), bool, str, Literal,
+    Optional / Union, list / set / tuple of X, dict, a class; anything else is not checked."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin is Union or origin is types.UnionType:
+        return any(_conforms(value, arg) for arg in args)
+    if hint is type(None):
+        return value is None
+    if origin is Literal:
+        return isinstance(value, str) and value in args
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if origin in (list, set, tuple):
+        return isinstance(value, (list, set, tuple)) and all(_conforms(v, args[0]) for v in value if args)
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+def check_field_types(config: PeftConfig) -> None:
+    """Raise a ValueError naming the first field whose value does not fit its annotation (a string for a number, a
+    NaN or inf weight, a float rank, a routing name that is not one of the choices)."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.name in hints and not _conforms(value, hints[f.name]):
+            raise _bad(f.name, value, f"expected {_describe(hints[f.name])}.")
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is Union or origin is types.UnionType:
+        return " or ".join(_describe(a) for a in args)
+    if hint is float:
+        return "a finite number"
+    if hint is type(None):
+        return "None"
+    return getattr(hint, "__name__", str(hint)).replace("NoneType", "None")
+
+
 @dataclass
-class MoELoraConfig(PeftConfig):
+class MoELoraConfig(ConfigFile):
     """Fields shared by every token-routed mixture of LoRA experts.
 
     Args:

@@ -14,6 +14,8 @@ from typing import Any, Optional
 import torch
 from peft.tuners.tuners_utils import check_adapters_to_merge
 
+from .qlora import refuse_quantized_merge
+
 
 class DeltaMergeMixin:
     def merge_key(self, adapter: str) -> Any:
@@ -31,6 +33,9 @@ class DeltaMergeMixin:
         for adapter in adapter_names or self.active_adapters:
             if self.has_adapter(adapter):
                 self.merge_key(adapter)
+                refuse_quantized_merge(
+                    self.get_base_layer(), adapter, getattr(self, "module_name", type(self).__name__)
+                )
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         adapter_names = check_adapters_to_merge(self, adapter_names)
@@ -40,6 +45,7 @@ class DeltaMergeMixin:
                 continue
             key = self.merge_key(adapter)
             base = self.get_base_layer()
+            refuse_quantized_merge(base, adapter, getattr(self, "module_name", type(self).__name__))
             merged = base.weight.data + self.get_delta_weight(adapter, key).to(base.weight.dtype)
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")

@@ -176,6 +176,7 @@ def run_demo(
         print(f"  {s['prompt']}{a:<10} (expected {s['completion']})")
     print(f"demo wall time {wall:.1f}s")
     return {
+        "losses": losses,
         "loss_first": first,
         "loss_last": last,
         "acc_before": acc_before,

@@ -23,6 +23,7 @@ from .config import MoELoraConfig, SMoRAConfig
 from .context import RoutingContext, attach_router_loss
 from .methods import RouterRecord, build_router, expert_bank_shape, is_mergeable, router_loss_and_stats
 from .ops import apply_lora_experts, linear_lora_experts
+from .qlora import dense_linear, refuse_quantized_merge
 from .routers import Routing
 
 
@@ -33,10 +34,10 @@ class MoELoraLinear(nn.Module, BaseTunerLayer):
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: MoELoraConfig, routing_ctx: RoutingContext):
         super().__init__()
-        if not isinstance(base_layer, nn.Linear):
+        if not isinstance(base_layer, nn.Linear):  # bitsandbytes' Linear4bit / Linear8bitLt are nn.Linear subclasses
             raise TypeError(
                 f"{type(self).__name__} wraps nn.Linear only, got {type(base_layer).__name__}; remove this module "
-                "from target_modules (fused 3-D expert parameters are not supported yet)."
+                "from target_modules (name fused 3-D expert parameters in target_parameters)."
             )
         self.base_layer = base_layer
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
@@ -55,6 +56,7 @@ class MoELoraLinear(nn.Module, BaseTunerLayer):
         self._router_owner: dict[str, MoELoraLinear] = {}
         self._block_routing: dict[str, Routing] = {}  # set by the parent block's pre-hook
         self.router_records: dict[str, RouterRecord] = {}
+        self.module_name = type(self).__name__  # the tuner sets the module's path in the model
         self.update_layer(adapter_name, config)
 
     # -- named views of the prefixed attributes ------------------------------------------------------
@@ -159,7 +161,7 @@ class MoELoraLinear(nn.Module, BaseTunerLayer):
         """Record this layer's routing; return the loss to attach to the forward path, or None."""
         num_experts = self.experts_A[adapter].shape[0]
         loss, record = router_loss_and_stats(
-            self.configs[adapter], routing, lead_shape, self._routing_ctx, num_experts, self.training
+            self.configs[adapter], routing, lead_shape, self._routing_ctx, num_experts, self.training, self.module_name
         )
         if loss is not None and loss.requires_grad and self._routing_ctx.in_forward:
             record.graph_loss, loss = loss, None  # the tuner reports it with its graph: nothing to attach
@@ -192,7 +194,9 @@ class MoELoraLinear(nn.Module, BaseTunerLayer):
         x_flat = x.reshape(-1, self.in_features)  # [..., in] -> [T, in]
         routed = [(adapter, *self._routing(adapter, x_flat, lead_shape)) for adapter in adapters]
         base = self.base_layer
-        owns_base = type(base) is nn.Linear and not (args or kwargs or base._forward_hooks or base._forward_pre_hooks)
+        # the base linear is computed here only when it is a plain dense nn.Linear: a quantized one (bitsandbytes'
+        # Linear4bit / Linear8bitLt subclass nn.Linear but hold packed weights) runs its own forward (qlora/base.py)
+        owns_base = dense_linear(base, args, kwargs)
         if owns_base and len(routed) == 1 and not self._dropout_active(adapters[0]):
             # one op for base + experts: the delta goes into the base output and, in backward, the experts'
             # dx into the base layer's dx buffer (docs/kernel.md, "Fusing with the base layer")
@@ -253,6 +257,7 @@ class MoELoraLinear(nn.Module, BaseTunerLayer):
             if adapter not in self.experts_A:
                 continue
             base = self.get_base_layer()
+            refuse_quantized_merge(base, adapter, f"a {type(self).__name__}")
             delta = self.get_delta_weight(adapter).to(base.weight.dtype)
             if safe_merge:
                 merged = base.weight.data + delta

@@ -5,6 +5,7 @@ A method is a router plus a loss, not a new layer: the layer (layer.py) and the 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -84,9 +85,26 @@ def router_loss_and_stats(
     ctx: RoutingContext,
     num_experts: int,
     training: bool,
+    where: str = "a routed layer",
 ) -> tuple[Optional[torch.Tensor], RouterRecord]:
-    """Weighted router losses of one layer (padding excluded) and its statistics."""
+    """Weighted router losses of one layer (padding excluded) and its statistics.
+
+    Tokens whose router logits are not finite (NaN or inf hidden states: an fp16 overflow, a NaN in the input) are
+    left out of both, with a warning that names the layer: a NaN would otherwise poison the balance loss, and SMoRA's
+    counts would count whatever expert top-k picked among NaNs. (Routers compute in float32, so fp16 activations
+    alone do not overflow the logits.)
+    """
     mask = ctx.token_mask(lead_shape)  # [T] or None
+    finite = torch.isfinite(routing.logits).all(dim=-1)  # [T]
+    counted = finite if mask is None else finite | ~mask  # padding may be anything: it is excluded anyway
+    if not bool(counted.all()):  # one host sync; the statistics below sync anyway
+        bad = int((~counted).sum())
+        warnings.warn(
+            f"{where}: {bad} token(s) reach the router with NaN or inf logits (non-finite hidden states or input); "
+            "they are left out of this forward's routing statistics and router losses.",
+            stacklevel=3,
+        )
+        mask = finite if mask is None else mask & finite
     r = _masked(routing, mask)
     num_tokens = r.idx.shape[0]
     valid = r.idx >= 0
@@ -120,6 +138,7 @@ def router_loss_and_stats(
                 else torch.ones(lead_shape, dtype=torch.bool, device=routing.weights.device)
             )
             weights = routing.weights.view(*lead_shape, -1)  # [T, N] -> [B, S, N]
+            weights = torch.where(token_mask.unsqueeze(-1), weights, 0.0)  # a NaN times a 0 mask would stay NaN
             types = ctx.sample_types.to(weights.device)
             lbc = losses.localized_balance(weights, token_mask, types, config.blc_alpha, config.blc_form)
             terms.append(config.blc_weight * lbc)

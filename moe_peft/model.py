@@ -13,11 +13,13 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from ._state_dict import FullStateDictKeys
 from .accumulation import label_share
 from .config import MoELoraConfig, SMoRAConfig
 from .context import RoutingContext, attach_router_loss, router_loss_probe
 from .experts import LoRAMoEExperts, MoELoraExperts, MoLEExperts, SMoRAExperts, inject_fused_experts
 from .layer import LoRAMoELinear, MoELoraLinear, MoLELinear, SMoRALinear
+from .qlora import refuse_quantized_merge
 
 _MLP = ["gate_proj", "up_proj", "down_proj"]
 _ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -82,7 +84,7 @@ class _GenerateWithRoutingInputs:
             self.routing_ctx.sticky_sample_types = None
 
 
-class MoELoraModel(BaseTuner):
+class MoELoraModel(FullStateDictKeys, BaseTuner):
     """Shared tuner of every token-routed method; each method subclass sets `prefix`, `linear_layer_cls` (what a
     target module becomes) and `tuner_layer_cls`, the (linear, fused-experts) layer pair PEFT finds with isinstance."""
 
@@ -112,6 +114,7 @@ class MoELoraModel(BaseTuner):
     ) -> None:
         if isinstance(target, self.linear_layer_cls):
             target.update_layer(adapter_name, config)
+            target.module_name = current_key
             return
         if isinstance(target, BaseTunerLayer):
             raise TypeError(f"{current_key} already holds a {type(target).__name__} from another PEFT method.")
@@ -122,6 +125,7 @@ class MoELoraModel(BaseTuner):
                 "weights in target_parameters instead."
             )
         new_module = self.linear_layer_cls(target, adapter_name, config, self.routing_ctx)
+        new_module.module_name = current_key  # named in warnings and errors
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # an added adapter is not trainable until set_adapter
         self._replace_module(parent, target_name, new_module, target)
@@ -177,10 +181,11 @@ class MoELoraModel(BaseTuner):
 
     def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
         if merge:
-            for _, layer in self._moe_layers():
+            for name, layer in self._moe_layers():
                 for adapter in adapter_names or layer.active_adapters:
                     if adapter in layer.configs:
                         layer.get_delta_weight(adapter)  # raises for adapters that cannot be merged, before any change
+                        refuse_quantized_merge(layer.get_base_layer(), adapter, name)
         self._remove_unused_block_hooks(remove_all=True)
         self._remove_root_hooks()
         return super()._unload_and_optionally_merge(
@@ -208,15 +213,12 @@ class MoELoraModel(BaseTuner):
 
     def _root_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
         ctx = self.routing_ctx
-        sample_types = kwargs.pop("sample_types", None)
+        sample_types = given = kwargs.pop("sample_types", None)
         if sample_types is None:
             sample_types = ctx.sticky_sample_types
         if sample_types is not None:
-            sample_types = torch.as_tensor(sample_types)
-            if sample_types.dim() != 1:
-                raise ValueError(
-                    f"sample_types must be a [batch] tensor of 0/1, got shape {tuple(sample_types.shape)}."
-                )
+            # a generate() call holds them for every step (beams expand the batch; no loss is computed there)
+            sample_types = as_sample_types(sample_types, None if given is None else _batch_size(args, kwargs))
         attention_mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         ctx.start_forward(attention_mask if isinstance(attention_mask, torch.Tensor) else None, sample_types)
         return args, kwargs
@@ -266,6 +268,31 @@ class MoELoraModel(BaseTuner):
         if isinstance(outputs, dict):  # a ModelOutput (a plain tensor or tuple output has no room for it)
             outputs["router_loss"] = router_loss
         return outputs
+
+
+def _batch_size(args: tuple, kwargs: dict) -> Optional[int]:
+    """The batch size of a root forward: input_ids, inputs_embeds or attention_mask, whichever is given."""
+    for value in (kwargs.get("input_ids", args[0] if args else None), kwargs.get("inputs_embeds")):
+        if isinstance(value, torch.Tensor) and value.dim() >= 2:
+            return value.shape[0]
+    mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+    return mask.shape[0] if isinstance(mask, torch.Tensor) and mask.dim() >= 2 else None
+
+
+def as_sample_types(sample_types: Any, batch: Optional[int]) -> torch.Tensor:
+    """Validate `sample_types` (LoRAMoE's localized balancing): a [batch] integer or bool tensor of 0/1, one entry
+    per sample of the forward's batch."""
+    types = torch.as_tensor(sample_types)
+    fix = "pass one 0/1 per sample (1: world knowledge, 0: downstream task), e.g. torch.tensor([1, 0, 0, 1])"
+    if types.dim() != 1 or types.dtype.is_floating_point or types.dtype.is_complex:
+        raise ValueError(
+            f"sample_types has shape {tuple(types.shape)} and dtype {types.dtype}; {fix}: a [batch] integer tensor."
+        )
+    if batch is not None and types.shape[0] != batch:
+        raise ValueError(f"sample_types has {types.shape[0]} entries but the batch has {batch} samples; {fix}.")
+    if types.numel() and not bool(((types == 0) | (types == 1)).all()):
+        raise ValueError(f"sample_types={types.tolist()} has values other than 0 and 1; {fix}.")
+    return types.long()
 
 
 def _device_of(outputs, model: nn.Module) -> torch.device:

@@ -13,10 +13,11 @@ from peft import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
+from ._state_dict import FullStateDictKeys
 from .tasks import TaskIds
 
 
-class TaskIdsTuner(BaseTuner):
+class TaskIdsTuner(FullStateDictKeys, BaseTuner):
     @property
     def task_state(self) -> TaskIds:
         state = self.__dict__.get("_task_state")

@@ -14,12 +14,38 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+def pytest_configure(config):
+    """Triton < 3.7's interpreter converts 1-element arrays to ints, which NumPy >= 2.4 refuses: every interpreted
+    kernel would fail with 'only 0-dimensional arrays can be converted to Python scalars'. Say so once instead."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    try:
+        import numpy
+        import triton
+        from packaging.version import Version
+    except ImportError:
+        return
+    if Version(triton.__version__) < Version("3.7") and Version(numpy.__version__) >= Version("2.4"):
+        raise pytest.UsageError(
+            f"triton {triton.__version__}'s interpreter (TRITON_INTERPRET=1, how the kernel tests run on CPU) does not "
+            f'work with numpy {numpy.__version__}: pip install "numpy<2.4" (or triton >= 3.7).'
+        )
+
+
 # One thread: tiny models gain nothing from more, and on a shared machine extra threads fight other processes
 # for the cores (the suite took 482 s instead of 73 s with torch's default). MOE_PEFT_THREADS raises it; the
 # environment variable also reaches the fresh processes some tests start.
 THREADS = int(os.environ.setdefault("MOE_PEFT_THREADS", "1"))
 os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
 torch.set_num_threads(THREADS)
+
+from hypothesis import settings  # noqa: E402
+
+# hypothesis: "ci" (default) runs a fixed, derandomized set of examples, small enough for CI; "thorough" runs 20x more
+settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True, print_blob=True)
+settings.register_profile("thorough", max_examples=500, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 import moe_peft  # noqa: E402
 from moe_peft.tiny import tiny_llama  # noqa: E402

@@ -124,13 +124,14 @@ def test_probe_matches_a_per_token_loop(case):
         assert got["tokens"] == int(mask.sum())
 
 
-def test_probe_counts_a_checkpointed_forward_once():
+@pytest.mark.parametrize("case, reentrant", [("mole_block", True), ("mole_block", False), ("smora", False)])
+def test_probe_counts_a_checkpointed_forward_once(case, reentrant):
+    """Non-reentrant checkpointing requires the recomputation to save what the first forward saved: the probe,
+    active only in the first, computes under no_grad (SMoRA's normalized scores raised a CheckpointError before)."""
     from .conftest import make_config, train_mode
 
-    model = get_peft_model(
-        tiny_llama(vocab_size=VOCAB, hidden_size=32, intermediate_size=48), make_config("mole_block")
-    )
-    train_mode(model, checkpointing=True, reentrant=True)
+    model = get_peft_model(tiny_llama(vocab_size=VOCAB, hidden_size=32, intermediate_size=48), make_config(case))
+    train_mode(model, checkpointing=True, reentrant=reentrant)
     probe = RoutingProbe(model, train_only=True)
     ids, mask = _batch()
     model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()  # layers recomputed in backward

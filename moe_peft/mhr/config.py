@@ -5,16 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
-from peft.config import PeftConfig
-
 from .._registration import ensure_peft_type
-from ..config import _bad
+from ..config import ConfigFile, _bad
 
 MODES = ("mhr", "mhr_z", "mhr_mu")
 
 
 @dataclass
-class MHRConfig(PeftConfig):
+class MHRConfig(ConfigFile):
     """Every adapted linear holds `n_skills` LoRA skills, each split into `n_splits` heads (A along the input
     features, B along the output features), and a task-by-(head, skill) routing matrix Z `[n_tasks, n_splits *
     n_skills]`. For a sample of task t the layer adds one LoRA mixed from the skills, per head, with weights

@@ -12,6 +12,7 @@ from peft.utils import get_peft_model_state_dict, load_peft_weights
 from safetensors.torch import save_file
 from torch import nn
 
+from .._atomic_save import staged_adapter
 from .config import MHRConfig
 from .model import _adapter, _tuner, task_lora_weights
 
@@ -115,11 +116,11 @@ def export_task_lora(
         task_type=config.task_type,
         base_model_name_or_path=config.base_model_name_or_path,
     )
-    os.makedirs(path, exist_ok=True)
-    lora.save_pretrained(str(path))
     tensors = {}
     for name, (a, b) in factors.items():
         tensors[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = a.float().cpu()  # [r, in]
         tensors[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = b.float().cpu()  # [out, r]
-    save_file(tensors, os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
+    with staged_adapter(path) as tmp:  # the config is published last: no loader sees it beside old or partial weights
+        lora.save_pretrained(tmp)
+        save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
     return lora

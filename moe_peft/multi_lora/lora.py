@@ -15,6 +15,7 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
 
 from ..ops import apply_lora_per_sample, linear_lora_per_sample
+from ..qlora import dense_linear
 from .bank import layer_bank
 from .selection import AdapterSelection, dropout_p, per_sample_dropout
 
@@ -88,7 +89,7 @@ def _linear_forward(module: LoraLinear, x: torch.Tensor, plan, backend: str, arg
     batch = x.shape[0]
     x3 = x.reshape(batch, -1, x.shape[-1])  # [B, ..., in] -> [B, S, in]
     base = module.base_layer
-    owns_base = type(base) is nn.Linear and not (args or kwargs or base._forward_hooks or base._forward_pre_hooks)
+    owns_base = dense_linear(base, args, kwargs)  # a quantized base runs its own forward (moe_peft/qlora)
     if owns_base and p_drop is None:  # base + adapters as one op (the adapters' dx goes into the base dx)
         y = linear_lora_per_sample(x3, base.weight, base.bias, lora_A, lora_B, idx, scale, backend)
     else:

@@ -28,11 +28,11 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..context import attach_router_loss
 from ..methods import router_loss_and_stats
 from ..ops import apply_lora_experts, linear_lora_experts
+from ..qlora import dense_linear
 from ..routers import Routing
 from .bank import layer_bank
 from .selection import AdapterSelection, dropout_p, per_sample_dropout
@@ -82,7 +82,9 @@ def _route(
     routing = layer.routers[adapter](x_a.reshape(-1, x_a.shape[-1]))  # [b_a*S, in] -> idx, weights [b_a*S, k_a]
     ctx = _sub_context(layer._routing_ctx, rows, x3.shape[0])
     num_experts = layer.experts_A[adapter].shape[0]
-    loss, record = router_loss_and_stats(layer.configs[adapter], routing, lead_shape, ctx, num_experts, layer.training)
+    loss, record = router_loss_and_stats(
+        layer.configs[adapter], routing, lead_shape, ctx, num_experts, layer.training, layer.module_name
+    )
     layer.router_records[adapter] = record
     if loss is None:
         return routing, None
@@ -153,7 +155,7 @@ def forward(layer, x: torch.Tensor, selection: AdapterSelection, *args: Any, **k
     backend = layer.configs[in_batch[0]].kernel_backend
     x_flat = x3.reshape(batch * seq, -1)  # [B, S, in] -> [T, in]
     base = layer.base_layer
-    owns_base = type(base) is nn.Linear and not (args or kwargs or base._forward_hooks or base._forward_pre_hooks)
+    owns_base = dense_linear(base, args, kwargs)  # a quantized base runs its own forward (moe_peft/qlora)
     if owns_base and p_drop is None:
         result = linear_lora_experts(x_flat, base.weight, base.bias, lora_A, lora_B, idx, weights, 1.0, backend)
     else:

@@ -27,7 +27,7 @@ from transformers import Trainer as HFTrainer
 from transformers import default_data_collator
 from transformers.trainer import TRAINING_ARGS_NAME
 
-from ..accumulation import accumulation_weight
+from ..accumulation import accumulation_steps, trainer_reads_scaled_flag
 from .enable import _tuner, enable
 from .selection import BASE
 from .training import clip_grad_norm_per_adapter, per_adapter_loss, save_adapters
@@ -141,10 +141,12 @@ class Trainer(HFTrainer):
         outputs = model(**inputs, adapter_names=names)
         if model.training and self._window_items is not None:
             # the router loss is a per-micro-batch mean: 1/N of it per micro-batch (the task loss is window-normalized)
-            weight = accumulation_weight(self, num_items_in_batch)
+            steps = accumulation_steps(self)
             loss, report = per_adapter_loss(
-                outputs, labels, names, num_items=self._window_items, router_loss_weight=weight
+                outputs, labels, names, num_items=self._window_items, router_loss_weight=1.0 / steps
             )
+            if not trainer_reads_scaled_flag():
+                loss = loss * steps  # transformers 5.17 ignores loss_is_scaled_for_ga and divides by the steps
             if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
                 loss = loss * self.accelerator.num_processes  # DDP averages the ranks' gradients; the counts are global
             for adapter, value in report.items():

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from .._atomic_save import staged_adapter
 from .enable import _tuner
 from .selection import BASE, AdapterSelection
 
@@ -148,6 +149,7 @@ def save_adapters(
     for name in names:
         # PeftModel.save_pretrained writes a non-default adapter to <dir>/<name>, "default" to <dir> itself
         root = os.path.join(output_dir, name) if name == "default" else output_dir
-        model.save_pretrained(root, selected_adapters=[name], **save_kwargs)
+        with staged_adapter(root) as tmp:  # PEFT's LoRA saves in place: publish it whole, its config last
+            model.save_pretrained(tmp, selected_adapters=[name], **save_kwargs)
         saved[name] = os.path.join(output_dir, name)
     return saved

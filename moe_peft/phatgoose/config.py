@@ -6,16 +6,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
-from peft.config import PeftConfig
-
 from .._registration import ensure_peft_type
-from ..config import _bad
+from ..config import ConfigFile, _bad
 
 ROUTINGS = ("top_k", "uniform", "single", "oracle")
 
 
 @dataclass
-class PhatgooseConfig(PeftConfig):
+class PhatgooseConfig(ConfigFile):
     """Usually built by `moe_peft.phatgoose.assemble(base, adapter_paths)`, which fills every field from the experts.
 
     Args:

@@ -27,6 +27,8 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .._atomic_save import atomic_file
+
 GATES_FILE = "phatgoose_gates.safetensors"
 
 
@@ -174,7 +176,8 @@ def save_gates(gates: dict[str, torch.Tensor], path: Union[str, os.PathLike], in
     os.makedirs(path, exist_ok=True)
     file = os.path.join(path, GATES_FILE)
     metadata = {"format": "pt", "moe_peft": "phatgoose_gates", **{k: str(v) for k, v in (info or {}).items()}}
-    save_file({k: v.float().cpu().contiguous() for k, v in gates.items()}, file, metadata=metadata)
+    with atomic_file(file) as tmp:  # a reader sees the old gates or the new ones, never a partial file
+        save_file({k: v.float().cpu().contiguous() for k, v in gates.items()}, tmp, metadata=metadata)
     return file
 
 

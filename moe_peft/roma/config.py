@@ -9,10 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
-from peft.config import PeftConfig
-
 from .._registration import ensure_peft_type
-from ..config import _bad
+from ..config import ConfigFile, _bad
 
 REPRESENTATIONS = ("last", "mean")
 KERNELS = ("cosine", "euclidean")
@@ -22,7 +20,7 @@ DEFAULT_LEARNING_RATE = 7e-5
 
 
 @dataclass
-class RoMAConfig(PeftConfig):
+class RoMAConfig(ConfigFile):
     """RoMA (routing manifold alignment): fine-tune only the routers of a pretrained MoE LLM, pulling each
     sample's routing toward that of its successful neighbours in a task-embedding space (paper section 4):
 

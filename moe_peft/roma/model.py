@@ -10,6 +10,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
+from .._state_dict import FullStateDictKeys
 from .capture import RoutingCapture
 from .config import RoMAConfig
 from .layer import RoMARouterLayer
@@ -26,7 +27,7 @@ def _batch_shape(args: tuple, kwargs: dict) -> Optional[tuple[int, int]]:
     return None
 
 
-class RoMAModel(BaseTuner):
+class RoMAModel(FullStateDictKeys, BaseTuner):
     prefix = "roma_"
     tuner_layer_cls = RoMARouterLayer
     target_module_mapping = {k: [v[0]] for k, v in SUPPORTED_ARCHITECTURES.items()}  # informative; see targets.py

@@ -1,15 +1,16 @@
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
 
 
-@dataclass
-class Routing:
+class Routing(NamedTuple):
     """What a router decided for T tokens.
+
+    A NamedTuple, not a dataclass, because engines that hook module outputs (DeepSpeed ZeRO-3 gathers a module's
+    partitioned weights again for its backward from hooks on the tensors it returns) see through tuples only.
 
     idx:     [T, k] long, expert per slot, -1 for an empty slot (null expert, top-p cut-off)
     weights: [T, k] float32, the weight of each slot's expert output (gradient reaches the router)

@@ -209,9 +209,13 @@ class RoutingProbe:
         def hook(module, inputs, output):
             if not self._active:
                 return
-            decision = reader(module, inputs, output)
-            if decision is not None:
-                self._add(label, decision)
+            # no_grad: nothing the statistics compute may be saved for backward. Under gradient checkpointing the
+            # recomputed forward (where the probe is inactive) must save exactly what the first one saved, or
+            # torch raises a CheckpointError (SMoRA's normalized scores did, under MoESFTTrainer).
+            with torch.no_grad():
+                decision = reader(module, inputs, output)
+                if decision is not None:
+                    self._add(label, decision)
 
         return hook
 
