@@ -21,16 +21,22 @@ def main(argv: list[str] | None = None) -> int:
     bench = sub.add_parser("bench", help="benchmarks that print ratios against baselines run in the same process")
     bench.add_argument(
         "what",
-        choices=["ops", "experts", "multi"],
+        choices=["ops", "experts", "multi", "quality"],
         help="ops: the routed-LoRA op vs PEFT LoRA, loops and einsums; experts: LoRA on an MoE block's fused "
         "experts vs PEFT's target_parameters (time and peak memory); multi: many adapters in one batch vs PEFT's "
-        "mixed batch and per-adapter sub-batches",
+        "mixed batch and per-adapter sub-batches; quality: do the mixtures beat LoRA at the same trainable-parameter "
+        "budget on conflicting tasks (docs/quality.md)",
     )
     bench.add_argument("--grid", choices=["default", "full"], default="default", help="ops only")
     bench.add_argument("--adapters", type=int, nargs="+", default=None, help="multi only: adapter counts (2 8 32)")
     bench.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     bench.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     bench.add_argument("--reps", type=int, default=None)
+    bench.add_argument("--out", default="out/quality", help="quality only: results.jsonl, summary.csv/.md, quality.png")
+    bench.add_argument("--quick", action="store_true", help="quality only: one seed, one lr, fewer steps (minutes)")
+    bench.add_argument("--methods", default=None, help="quality only: comma-separated method names (default: all)")
+    bench.add_argument("--cache", default=None, help="quality only: where the pre-trained base is cached")
+    bench.add_argument("--fresh", action="store_true", help="quality only: rerun instead of reusing results.jsonl")
     train = sub.add_parser(
         "train", help="train an adapter from a YAML config with MoESFTTrainer (TRL), save it and its plots"
     )
@@ -70,7 +76,15 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.threads:
             torch.set_num_threads(args.threads)
-        if args.what == "experts":
+        if args.what == "quality":
+            from .bench.quality import bench_quality
+
+            methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
+            bench_quality(
+                out_dir=args.out, quick=args.quick, methods=methods, cache_dir=args.cache, fresh=args.fresh,
+                threads=args.threads or 1,
+            )  # fmt: skip
+        elif args.what == "experts":
             from .bench import bench_experts
 
             bench_experts(device=args.device, reps=args.reps)

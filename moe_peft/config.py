@@ -23,6 +23,8 @@ from .losses import LBC_FORMS
 from .ops import BACKENDS
 
 ROUTER_GRANULARITIES = ("linear", "block")
+# expert_scaling: the power of the gate spread c that multiplies lora_alpha / r
+EXPERT_SCALINGS = {"lora": 0.0, "sqrt_gate": 0.5, "gate": 1.0}
 
 
 def _bad(field_name: str, value, fix: str) -> ValueError:
@@ -131,6 +133,11 @@ class MoELoraConfig(ConfigFile):
             per parent block (e.g. a Llama MLP), reading the block's input and shared by its gate/up/down
             projections, as LLaVA-MoLE and MixLoRA do.
         init_lora_weights: B starts at zero so a new adapter is a no-op; set False only for tests.
+        expert_scaling: "lora" scales an expert's delta by lora_alpha / r, as PEFT's LoRA; "gate" and "sqrt_gate"
+            multiply that by c or sqrt(c), c being the number of experts a token's gate weights are spread over when
+            routing is uniform (`gate_spread()`: LoRAMoE num_experts, renormalized top-k top_k, top-1 and top-p 1).
+            A softmax gate gives each expert about 1/c of its delta, so at the usual lora_alpha = 2r a mixture learns
+            more slowly than LoRA; docs/quality.md has the measurements behind each method's default.
         kernel_backend: how the experts are applied (`moe_peft.ops.apply_lora_experts`): "auto" (Triton
             kernels on CUDA, the torch path elsewhere), "torch", "triton", or a specific path; a runtime
             choice that does not change the numbers beyond floating-point rounding.
@@ -165,6 +172,10 @@ class MoELoraConfig(ConfigFile):
         default="linear", metadata={"help": "'linear': a router per adapted linear; 'block': one per parent block."}
     )
     init_lora_weights: bool = field(default=True, metadata={"help": "B = 0 at init (adapter starts as a no-op)."})
+    expert_scaling: Literal["lora", "sqrt_gate", "gate"] = field(
+        default="lora",
+        metadata={"help": "'lora': lora_alpha / r; 'gate' / 'sqrt_gate': times c / sqrt(c) (gate spread)."},
+    )
     kernel_backend: str = field(
         default="auto", metadata={"help": "apply_lora_experts backend: 'auto', 'torch', 'triton', ..."}
     )
@@ -181,11 +192,24 @@ class MoELoraConfig(ConfigFile):
             self.exclude_modules = set(self.exclude_modules)
         self._validate()
 
+    @classmethod
+    def check_kwargs(cls, **kwargs):
+        # a config saved before expert_scaling existed was scaled by lora_alpha / r: it reloads exactly as trained
+        kwargs = super().check_kwargs(**kwargs)
+        kwargs.setdefault("expert_scaling", "lora")
+        return kwargs
+
     @property
     def scaling(self) -> float:
-        return self.lora_alpha / self.r
+        return self.lora_alpha / self.r * self.gate_spread() ** EXPERT_SCALINGS[self.expert_scaling]
+
+    def gate_spread(self) -> int:
+        """Over how many experts a token's gate weights (which sum to 1) are spread under uniform routing."""
+        return 1
 
     def _validate(self) -> None:
+        if self.expert_scaling not in EXPERT_SCALINGS:
+            raise _bad("expert_scaling", self.expert_scaling, f"use one of {tuple(EXPERT_SCALINGS)}.")
         if not isinstance(self.r, int) or self.r <= 0:
             raise _bad("r", self.r, "the rank of each expert must be a positive integer, e.g. r=8.")
         if not isinstance(self.num_experts, int) or self.num_experts < 1:
@@ -336,6 +360,14 @@ class MoLEConfig(MoELoraConfig):
     def _num_null_experts(self) -> int:
         return self.num_null_experts if isinstance(self.num_null_experts, int) else 0
 
+    def gate_spread(self) -> int:
+        if self.top_p is not None:
+            return 1  # raw probabilities, not renormalized: a sharpening router gives the kept experts up to 1
+        if self.top_k == 1:
+            # straight-through: the weight's value is 1; "prob": p, about 1 / (n + m) under uniform routing
+            return 1 if self.top1_weight == "straight_through" else self.num_experts + self._num_null_experts()
+        return self.top_k  # renormalized over the picked experts (null experts: over the real ones among top_k)
+
     def _validate(self) -> None:
         super()._validate()
         if self.top1_weight not in ("straight_through", "prob"):
@@ -400,7 +432,13 @@ class LoRAMoEConfig(MoELoraConfig):
     num_experts: int = field(default=8, metadata={"help": "Experts per linear (released: 8)."})
     top_k: Optional[int] = field(default=None, metadata={"help": "Dense: always num_experts."})
     r: int = field(default=4, metadata={"help": "Rank of each expert (released: 4)."})
-    lora_alpha: float = field(default=32.0, metadata={"help": "Released: 32."})
+    # the usual LoRA alpha = 2r with the gate-aware scaling sqrt(E) (docs/quality.md: at alpha = 2r and "lora" scaling
+    # the dense softmax gate ~1/E leaves the experts' update too small to learn the substitution tasks). The released
+    # recipe is lora_alpha=32, expert_scaling="lora" (scaling 8 at r=4, E=8).
+    lora_alpha: float = field(default=8.0, metadata={"help": "2r; released: 32 with expert_scaling='lora'."})
+    expert_scaling: Literal["lora", "sqrt_gate", "gate"] = field(
+        default="sqrt_gate", metadata={"help": "LoRAMoE: 'sqrt_gate' (lora_alpha / r * sqrt(num_experts))."}
+    )
     router_aux_loss_coef: float = field(default=0.0, metadata={"help": "Switch balance loss (off: LoRAMoE uses LBC)."})
     blc_alpha: float = field(default=0.1, metadata={"help": "LBC delta."})
     blc_weight: float = field(default=0.1, metadata={"help": "LBC loss weight."})
@@ -409,6 +447,9 @@ class LoRAMoEConfig(MoELoraConfig):
     )
 
     _method = "LORAMOE"
+
+    def gate_spread(self) -> int:
+        return self.num_experts  # a dense softmax over every expert
 
     def __post_init__(self):
         if self.top_k is None:
@@ -477,5 +518,12 @@ class SMoRAConfig(MoELoraConfig):
         super()._validate()
         if self.router_granularity != "linear":
             raise _bad("router_granularity", self.router_granularity, "SMoRA has a router per linear: use 'linear'.")
+        if self.expert_scaling != "lora":
+            raise _bad(
+                "expert_scaling",
+                self.expert_scaling,
+                "SMoRA's gates k * s_i / sum s already average 1 and its delta is scaled by lora_alpha / top_k: use "
+                "'lora' and set lora_alpha.",
+            )
         if self.bias_update_rate < 0:
             raise _bad("bias_update_rate", self.bias_update_rate, "use a value >= 0 (0 disables balancing).")

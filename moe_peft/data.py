@@ -7,9 +7,14 @@ specialize. A prompt is `"<task> <string>="`, the completion the answer followed
     rev abcd=  -> dcba        (reverse)
     srt dbca=  -> abcd        (sort the letters)
     sft abcz=  -> bcda        (shift each letter by one, z -> a)
+    bck abcz=  -> zaby        (shift each letter back by one, a -> z)
+    rot abcz=  -> nopm        (shift each letter by thirteen: rot13)
     cpy abcd=  -> abcd        (copy)
     dup abc=   -> aabbcc      (double each letter)
     alt abcdef= -> ace        (every other letter)
+
+sft, bck and rot are per-character substitutions: the same input letter must become a different output
+letter depending on the task name alone, the sharpest conflict one LoRA can be asked to resolve.
 
 Each sample carries its `task` and a `sample_type` (LoRAMoE's world-knowledge vs downstream split:
 copy/duplicate count as type 1, "recall the input", the others as type 0).
@@ -26,10 +31,18 @@ from typing import Optional
 
 import torch
 
+
+def _shift(s: str, k: int) -> str:
+    """Each lowercase letter moved k places along the alphabet, wrapping around (a per-character substitution)."""
+    return "".join(chr((ord(c) - 97 + k) % 26 + 97) for c in s)
+
+
 TASKS: dict[str, Callable[[str], str]] = {
     "rev": lambda s: s[::-1],
     "srt": lambda s: "".join(sorted(s)),
-    "sft": lambda s: "".join(chr((ord(c) - 97 + 1) % 26 + 97) for c in s),
+    "sft": lambda s: _shift(s, 1),
+    "bck": lambda s: _shift(s, -1),
+    "rot": lambda s: _shift(s, 13),
     "cpy": lambda s: s,
     "dup": lambda s: "".join(c + c for c in s),
     "alt": lambda s: s[::2],

@@ -2,7 +2,7 @@
 
 import torch
 
-from moe_peft.bench.timing import Estimate, Timing, difference, fmt, interleaved, ratio
+from moe_peft.bench.timing import Estimate, Timing, difference, fmt, interleaved, paired_ratio, ratio
 
 
 def test_median_spread_and_difference():
@@ -28,3 +28,11 @@ def test_interleaved_runs_one_repetition_of_each_per_round():
     out = interleaved(fns, torch.device("cpu"), reps=3, warmup=1)
     assert order == list("abc") * 4  # warm-up round, then 3 timed rounds, never aaa bbb ccc
     assert all(len(t.samples) == 3 for t in out.values())
+
+
+def test_paired_ratio_cancels_load_that_changes_between_rounds():
+    # the machine got 3x slower in the last rounds: each candidate's own spread is large, the pairwise ratio is exact
+    lora, mix = Timing([10.0, 10.0, 30.0, 30.0]), Timing([15.0, 15.0, 45.0, 45.0])
+    assert ratio(mix, lora) is None  # the unpaired ratio is withheld: its denominator is within noise
+    paired = paired_ratio(mix, lora)
+    assert paired.median == 1.5 and paired.spread == 0.0

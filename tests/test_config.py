@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from peft import PeftConfig
@@ -46,7 +47,11 @@ def test_null_experts_extend_top_k_range():
 
 def test_method_defaults_follow_the_papers():
     loramoe = moe_peft.LoRAMoEConfig()
-    assert (loramoe.num_experts, loramoe.r, loramoe.lora_alpha, loramoe.top_k) == (8, 4, 32.0, 8)
+    assert (loramoe.num_experts, loramoe.r, loramoe.top_k) == (8, 4, 8)
+    # lora_alpha = 2r with the gate-aware sqrt(E) scaling (docs/quality.md); the released alpha 32 is one setting away
+    assert (loramoe.lora_alpha, loramoe.expert_scaling) == (8.0, "sqrt_gate")
+    assert loramoe.scaling == pytest.approx(8.0 / 4 * math.sqrt(8))
+    assert moe_peft.LoRAMoEConfig(lora_alpha=32, expert_scaling="lora").scaling == 32.0 / 4
     smora = moe_peft.SMoRAConfig()
     assert (smora.r, smora.top_k, smora.num_experts, smora.scaling) == (64, 8, 64, 16.0 / 8)
     mole = moe_peft.MoLEConfig()

@@ -100,6 +100,15 @@ def ratio(num: Timing | Estimate, den: Timing | Estimate, min_signal: float = 2.
     return n / d
 
 
+def paired_ratio(num: Timing, den: Timing) -> Timing:
+    """num / den round by round (both from the same `interleaved` call, so sample i of each ran under the same load),
+    as a Timing of ratios: its median is robust to load that drifts over the rounds, its spread is the ratio's noise.
+    """
+    if len(num.samples) != len(den.samples):
+        raise ValueError("paired_ratio needs the samples of one interleaved run (the same number of rounds).")
+    return Timing([n / d for n, d in zip(num.samples, den.samples)])
+
+
 def fmt(value: float | None, width: int = 6, digits: int = 2) -> str:
     """A ratio for a table: '-' when it is not measurable above the noise."""
     return f"{'-':>{width}}" if value is None else f"{value:>{width}.{digits}f}"
