@@ -68,14 +68,14 @@ def lora_layers(model: PeftModel, adapter_name: str) -> dict[str, LoraLayer]:
     return layers
 
 
-GATE_NAME = "phatgoose_gate"  # the gate's parameter name on the LoRA layer during gate training
+GATE_NAME = "phatgoose_gate"  # the gate's parameter name on the LoRA layer's base layer during gate training
 
 
-def _gate_hook(layer: nn.Module):
+def _gate_hook(owner: nn.Module):
     def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         x = inputs[0]  # the LoRA layer's input, [..., in]
         # read through the layer, not a captured Parameter: FSDP and ZeRO-3 swap in the gathered tensor at forward time
-        gate = getattr(layer, GATE_NAME)  # [in]
+        gate = getattr(owner, GATE_NAME)  # [in]
         with torch.autocast(device_type=x.device.type, enabled=False):
             g = torch.sigmoid(x.float() @ gate)  # [..., in] @ [in] -> [...]
         return output * g.unsqueeze(-1).to(output.dtype)  # gate every token's expert input
@@ -106,15 +106,17 @@ def gate_training(model: PeftModel, adapter_name: Optional[str] = None) -> Itera
     """Within the block, every module of the LoRA expert computes W x + sigmoid(v . x) s B A x and only the gates v
     (zero-initialized, yielded as {module name: v [in]}) require grad; on exit the hooks, gates and flags are undone.
 
-    Each gate is registered on its LoRA layer as the parameter `phatgoose_gate` for the block, so that a
-    data-parallel wrapper made inside the block (DDP, FSDP, DeepSpeed; built after entering it) reduces the gates'
-    gradients like any other trainable parameter. Under a sharding engine the yielded Parameters hold a shard; take
-    the trained gates from the engine's full state dict with `gates_from_state_dict`. Outside the block no LoRA
-    key changes, so `save_pretrained` inside it writes the same adapter files as outside.
+    Each gate is registered for the block as the parameter `phatgoose_gate` of the LoRA layer's base layer (PEFT
+    saves everything on a tuner layer except its base layer, so `save_pretrained` inside the block writes the same
+    adapter files as outside), so that a data-parallel wrapper made inside the block (DDP, FSDP, DeepSpeed; built
+    after entering it) reduces the gates' gradients like any other trainable parameter. Under a sharding engine the
+    yielded Parameters hold a shard: take the trained gates from the engine's full state dict with
+    `gates_from_state_dict`.
     """
     adapter_name = _lora_adapter(model, adapter_name)
     layers = lora_layers(model, adapter_name)
-    taken = sorted(name for name, layer in layers.items() if hasattr(layer, GATE_NAME))
+    owners = {name: layer.get_base_layer() for name, layer in layers.items()}
+    taken = sorted(name for name, owner in owners.items() if GATE_NAME in owner._parameters)
     if taken:
         raise ValueError(f"{taken} already train PHATGOOSE gates: gate_training blocks cannot be nested.")
     gates = {
@@ -127,14 +129,14 @@ def gate_training(model: PeftModel, adapter_name: Optional[str] = None) -> Itera
     handles = []
     try:
         for name, layer in layers.items():
-            layer.register_parameter(GATE_NAME, gates[name])
-            handles.append(layer.lora_dropout[adapter_name].register_forward_hook(_gate_hook(layer)))
+            owners[name].register_parameter(GATE_NAME, gates[name])
+            handles.append(layer.lora_dropout[adapter_name].register_forward_hook(_gate_hook(owners[name])))
         yield gates
     finally:
         for handle in handles:
             handle.remove()
-        for layer in layers.values():
-            layer._parameters.pop(GATE_NAME, None)
+        for owner in owners.values():
+            owner._parameters.pop(GATE_NAME, None)
         for p, flag in flags.items():
             p.requires_grad_(flag)
 
@@ -142,11 +144,11 @@ def gate_training(model: PeftModel, adapter_name: Optional[str] = None) -> Itera
 def gates_from_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """{module name: v [in]} from a full (gathered) state dict of a model inside `gate_training`, e.g. FSDP's or
     DeepSpeed's, keyed by the module names relative to the transformers model as `train_gates` returns them."""
-    suffix = "." + GATE_NAME
+    suffix = ".base_layer." + GATE_NAME
     gates = {}
     for key, value in state_dict.items():
         if key.endswith(suffix):
-            name = key[: -len(suffix)]
+            name = key[: -len(suffix)]  # the LoRA layer
             name = name[len("base_model.model.") :] if name.startswith("base_model.model.") else name
             gates[name] = value.detach().float().clone()
     if not gates:
@@ -209,10 +211,10 @@ def save_gates(gates: dict[str, torch.Tensor], path: Union[str, os.PathLike], in
     os.makedirs(path, exist_ok=True)
     file = os.path.join(path, GATES_FILE)
     metadata = {"format": "pt", "moe_peft": "phatgoose_gates", **{k: str(v) for k, v in (info or {}).items()}}
-    data = _canonical(save({k: v.float().cpu().contiguous() for k, v in gates.items()}, metadata=metadata))
     with atomic_file(file) as tmp:  # a reader sees the old gates or the new ones, never a partial file
+        data = save({k: v.float().cpu().contiguous() for k, v in gates.items()}, metadata=metadata)
         with open(tmp, "wb") as f:
-            f.write(data)
+            f.write(_canonical(data))
     return file
 
 
