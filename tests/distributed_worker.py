@@ -300,6 +300,7 @@ def _zero3(method: str, rank: int, stage: int = 3):
         # ZeRO-3: partition every parameter; ZeRO-2: gradients and optimizer states partitioned, weights replicated
         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0} if stage == 3 else {"stage": 2},
         "zero_allow_untested_optimizer": True,
+        "gradient_clipping": 0.0,  # DeepSpeed clips at norm 1.0 unless told; the reference does not clip
     }
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
 

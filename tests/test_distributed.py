@@ -22,13 +22,10 @@ ROUTED = ["mole_top1", "mole_null_top2", "smora", "experts"]  # token-routed: so
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 ENGINES = ["ddp", "fsdp1", "fsdp2"] + (["zero2", "zero3"] if HAS_DEEPSPEED else [])
 # DDP and FSDP reduce the two ranks' gradients as one process sums the two halves: equal bit for bit in practice.
-# ZeRO-2 and ZeRO-3 reduce flattened partitions in another order; AdamW divides a gradient by its own running size, so
-# an element whose gradient is nearly zero turns a 1e-7 difference into up to a few percent of one lr=1e-2 step.
-# Not explained yet (docs/methods.md, data parallelism): under ZeRO-2 the RoMA routers' gradients equal one process's at
-# step 0 (bit for bit) and to 1e-7 at step 1, yet after step 2 they differ by up to 3% and the adapter by up to 7e-3
-# (the task loss alone: bit for bit; DDP, FSDP1, FSDP2: bit for bit). The ranks still save identical files.
-DIVERGES = {("zero2", "roma"): "RoMA under ZeRO-2 drifts from one process after 2 steps (up to 7e-3); not explained"}
-ATOL = {"ddp": 1e-7, "fsdp1": 1e-7, "fsdp2": 1e-7, "zero2": 1e-3, "zero3": 1e-3}
+# ZeRO-2 too (with DeepSpeed's default gradient clipping at norm 1.0 turned off, as the reference does not clip).
+# ZeRO-3 reduces flattened partitions in another order; AdamW divides a gradient by its own running size, so an
+# element whose gradient is nearly zero turns a 1e-7 difference into a larger one (measured up to 1.5e-5).
+ATOL = {"ddp": 1e-7, "fsdp1": 1e-7, "fsdp2": 1e-7, "zero2": 1e-7, "zero3": 1e-4}
 
 
 def _launch(out: str) -> None:
@@ -86,14 +83,6 @@ def test_every_rank_ends_with_the_single_process_adapter(run, method, references
     saved = load_file(os.path.join(ranks[0], files[0]))
     assert saved.keys() == want["state"].keys()
     start = worker.adapter_state(worker.build(method))
-    if (engine, method) in DIVERGES:  # the first step matches; the end state must still differ, else remove the entry
-        for rank in range(worker.WORLD):
-            record = torch.load(os.path.join(ranks[rank], "record.pt"))
-            torch.testing.assert_close(record["losses"][0], want["losses"][0][rank], rtol=1e-6, atol=1e-6)
-            torch.testing.assert_close(record["aux"][0], want["aux"][0][rank], rtol=1e-6, atol=1e-6)
-        same = all(torch.allclose(v, want["state"][k], rtol=1e-6, atol=ATOL[engine]) for k, v in saved.items())
-        assert not same, f"{engine}/{method} now matches one process: remove it from DIVERGES"
-        pytest.xfail(DIVERGES[engine, method])
     for key, value in saved.items():  # equal to one process on the global batch (in practice bit for bit)
         torch.testing.assert_close(value, want["state"][key], rtol=1e-6, atol=ATOL[engine], msg=key)
     assert any(not torch.equal(saved[k], start[k]) for k in saved)  # it trained
