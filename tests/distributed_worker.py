@@ -3,10 +3,12 @@
     torchrun --nproc_per_node 2 tests/distributed_worker.py --out DIR [--engines ddp fsdp2] [--methods ...]
 
 ddp: accelerate's `Accelerator(cpu=True)` (DDP over gloo); fsdp2: torch's `fully_shard` over gloo (accelerate runs
-FSDP on GPUs only); zero3: DeepSpeed ZeRO-3 through `deepspeed.initialize` on DeepSpeed's CPU accelerator (needs
-DS_ACCELERATOR=cpu and a C++ compiler for its shared-memory op). Each rank trains each method for STEPS optimizer steps on its half of a fixed global batch, then
+FSDP on GPUs only); zero2, zero3: DeepSpeed ZeRO-2 / ZeRO-3 through `deepspeed.initialize` on DeepSpeed's CPU
+accelerator (needs DS_ACCELERATOR=cpu). Each rank trains each method for STEPS optimizer steps on its half of a fixed global batch, then
 writes DIR/<engine>/<method>/rank<r>/: the adapter as `save_pretrained` writes it, and `record.pt` (the losses, every rank's expert
-counts per routed layer at the first step, the SMoRA selection biases). `reference(method)` trains the same model
+counts per routed layer at the first step, the SMoRA selection biases, RoMA's alignment term per step).
+PHATGOOSE is trained twice: a library (top-k routing; banks and gates train) and step 2, one LoRA expert's gates
+(`gate_training`, everything else frozen; the gates are saved as `save_gates` writes them). `reference(method)` trains the same model
 in one process on the whole global batch, the two halves as two accumulated micro-batches, which is what data
 parallelism computes: DDP averages the ranks' gradients, i.e. the gradient of the mean of the two halves' losses.
 """
@@ -48,10 +50,19 @@ def make_config(method: str):
             target_modules=["q_proj", "v_proj"],
             target_parameters=["experts.gate_up_proj", "experts.down_proj"],
         )
+    if method == "phatgoose":  # a library of 4 experts, top-2; banks and gates filled in build
+        return moe_peft.PhatgooseConfig(experts=["e0", "e1", "e2", "e3"], r=4, top_k=2, target_modules=MLP)
+    if method == "phatgoose_gates":  # PHATGOOSE step 2: the LoRA expert whose gates train
+        from peft import LoraConfig
+
+        return LoraConfig(r=4, lora_alpha=8, target_modules=MLP)
+    if method == "roma":  # every router of the Mixtral; lambda warms up over the steps (the step reaches the loss)
+        return moe_peft.RoMAConfig(num_last_layers=None, num_neighbours=2, lambda_reg=20.0, lambda_warmup_steps=2)
     raise ValueError(method)
 
 
-METHODS = ["mole_top1", "mole_null_top2", "loramoe", "smora", "mhr", "experts"]
+METHODS = ["mole_top1", "mole_null_top2", "loramoe", "smora", "mhr", "experts", "phatgoose", "phatgoose_gates", "roma"]
+MOE_BASE = ("experts", "roma")  # on a tiny Mixtral
 
 
 def build(method: str):
@@ -60,7 +71,7 @@ def build(method: str):
 
     from moe_peft.tiny import tiny_llama, tiny_moe
 
-    if method == "experts":
+    if method in MOE_BASE:
         base = tiny_moe("mixtral", vocab_size=VOCAB, hidden_size=32, num_layers=2, num_experts=4, seed=0)
     else:
         base = tiny_llama(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_layers=2, seed=0)
@@ -68,11 +79,50 @@ def build(method: str):
     model = get_peft_model(base, make_config(method))
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.split(".")[-2].endswith("_B") or "mhr_B" in name:
+            if name.split(".")[-2].endswith("_B") or "mhr_B" in name or "lora_B" in name:
                 p.normal_(std=0.05)  # a non-zero delta from the first step
+            if "phatgoose_A" in name or "phatgoose_gate" in name:
+                p.normal_(std=0.5)  # assembled experts and their trained gates
             if method == "mole_top1" and name.endswith("mole_router.default.linear.bias"):
                 p[6:] = -30.0  # unreachable experts
+    if method == "phatgoose_gates":  # held open for the process's life: the engines wrap the model inside the block
+        from moe_peft.phatgoose import gate_training
+
+        block = gate_training(model)
+        block.__enter__()
+        model._gate_block = block
     return model
+
+
+NEIGHBOURS = 2
+
+
+def roma_reference():
+    """A fixed RoMA reference set over every row of the STEPS global batches (row i of step s is sample
+    s * WORLD * ROWS + i): random routing r_j [N, L, E] and each sample's neighbours with kernel weights."""
+    from moe_peft.roma.reference import RoMAReference
+
+    n, layers, experts = STEPS * WORLD * ROWS, 2, 4  # every MoE layer of the tiny Mixtral is tuned
+    g = torch.Generator().manual_seed(7)
+    weights = torch.rand(n, NEIGHBOURS, generator=g) + 0.1
+    return RoMAReference(
+        embeddings=torch.zeros(n, 1),
+        success=torch.ones(n, dtype=torch.bool),
+        routing=torch.randn(n, layers, experts, generator=g).softmax(-1),  # [N, L, E]
+        neighbour_index=torch.randint(0, n, (n, NEIGHBOURS), generator=g),  # [N, k]
+        neighbour_weight=weights / weights.sum(-1, keepdim=True),  # [N, k], rows sum to 1
+    )
+
+
+def aux_loss(method: str, model, step: int, rank: int):
+    """RoMA's alignment term for the rank's rows (None for the others): lambda(step) * mean over the rank's samples
+    of sum_j W_ij ||r_i - r_j||^2, added to the task loss. `model` is the unwrapped PeftModel."""
+    if method != "roma":
+        return None
+    from moe_peft.roma import alignment_loss
+
+    index = step * WORLD * ROWS + rank * ROWS + torch.arange(ROWS)  # [ROWS] rows of the reference
+    return alignment_loss(model, roma_reference().neighbours(index), step=step)
 
 
 def global_batch(step: int) -> dict:
@@ -115,28 +165,59 @@ def selection_biases(model) -> dict[str, torch.Tensor]:
 
 
 def adapter_state(model) -> dict[str, torch.Tensor]:
+    """What the run saves: the adapter's state dict, or for phatgoose_gates the gates ({module name: v [in]})."""
     from peft.utils import get_peft_model_state_dict
 
+    from moe_peft.phatgoose import gates_from_state_dict
+
+    if isinstance(model, dict):  # a gathered full state dict of the wrapped model
+        return gates_from_state_dict(model)
+    if hasattr(model, "_gate_block"):
+        return gates_from_state_dict(model.state_dict())
     return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def save(method: str, model, state, out_dir: str) -> None:
+    """Every rank saves: the files must be identical."""
+    if method == "phatgoose_gates":
+        from moe_peft._state_dict import strip_wrapper_segments
+        from moe_peft.phatgoose import save_gates
+
+        state = model.state_dict() if state is None else state
+        save_gates(adapter_state({strip_wrapper_segments(k): v for k, v in state.items()}), out_dir)
+    else:
+        model.save_pretrained(out_dir, state_dict=state)
+
+
+def saved_files(method: str) -> tuple[str, ...]:
+    if method == "phatgoose_gates":
+        from moe_peft.phatgoose import GATES_FILE
+
+        return (GATES_FILE,)
+    return ("adapter_model.safetensors", "adapter_config.json")
 
 
 def reference(method: str) -> dict:
     """One process, the global batch as the ranks' halves accumulated (loss / WORLD each), same optimizer."""
     model = build(method).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
+    losses, aux = [], []
     for step in range(STEPS):
         batch = global_batch(step)
-        step_losses = []
+        step_losses, step_aux = [], []
         for rank in range(WORLD):
             torch.manual_seed(1000 * step + rank)  # the rank's random draws (MHR's relaxed Bernoulli routing)
             out = model(**inputs_for(method, batch, rank))
-            (out.loss / WORLD).backward()
+            extra = aux_loss(method, model, step, rank)
+            loss = out.loss if extra is None else out.loss + extra
+            (loss / WORLD).backward()
             step_losses.append(out.loss.item())
+            step_aux.append(None if extra is None else extra.item())
         optimizer.step()
         optimizer.zero_grad()
         losses.append(step_losses)
-    return {"losses": losses, "state": adapter_state(model), "biases": selection_biases(model)}
+        aux.append(step_aux)
+    return {"losses": losses, "aux": aux, "state": adapter_state(model), "biases": selection_biases(model)}
 
 
 def _ddp(method: str, rank: int):
@@ -203,7 +284,7 @@ class _EngineStep:
         pass
 
 
-def _zero3(method: str, rank: int):
+def _zero3(method: str, rank: int, stage: int = 3):
     import deepspeed
     import deepspeed.ops
 
@@ -216,8 +297,10 @@ def _zero3(method: str, rank: int):
     config = {
         "train_micro_batch_size_per_gpu": ROWS,
         "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},  # partition every parameter
+        # ZeRO-3: partition every parameter; ZeRO-2: gradients and optimizer states partitioned, weights replicated
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0} if stage == 3 else {"stage": 2},
         "zero_allow_untested_optimizer": True,
+        "gradient_clipping": 0.0,  # DeepSpeed clips at norm 1.0 unless told; the reference does not clip
     }
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
 
@@ -225,10 +308,17 @@ def _zero3(method: str, rank: int):
         with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):  # every rank gets the full weights
             return {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
 
-    return engine, _EngineStep(engine), engine.backward, lambda: engine.module, full_state
+    return engine, _EngineStep(engine), engine.backward, lambda: engine.module, full_state if stage == 3 else None
 
 
-ENGINES = {"ddp": _ddp, "fsdp1": _fsdp1, "fsdp2": _fsdp2, "zero3": _zero3}
+def _zero2(method: str, rank: int):
+    return _zero3(method, rank, stage=2)
+
+
+# combinations that refuse to train with a clear error (run last on their engine: the error leaves DeepSpeed's
+# per-forward module stack half done)
+REFUSED = {("zero3", "roma")}
+ENGINES = {"ddp": _ddp, "fsdp1": _fsdp1, "fsdp2": _fsdp2, "zero2": _zero2, "zero3": _zero3}
 
 
 def main() -> int:
@@ -249,21 +339,35 @@ def main() -> int:
             dist.init_process_group("gloo")  # accelerate would start the same one
         for method in args.methods:
             model, optimizer, backward, unwrap, full_state = ENGINES[engine](method, rank)
-            losses, counts = [], None
+            out_dir = os.path.join(args.out, engine, method, f"rank{rank}")
+            if (engine, method) in REFUSED:  # the first forward must raise the documented error
+                try:
+                    model(**inputs_for(method, global_batch(0), rank))
+                    error = None
+                except NotImplementedError as exc:
+                    error = str(exc)
+                os.makedirs(out_dir, exist_ok=True)
+                torch.save({"error": error}, os.path.join(out_dir, "record.pt"))
+                dist.barrier()
+                if hasattr(model, "destroy"):
+                    model.destroy()
+                continue
+            losses, aux, counts = [], [], None
             for step in range(STEPS):
                 torch.manual_seed(1000 * step + rank)
                 out = model(**inputs_for(method, global_batch(step), rank))
-                backward(out.loss)
+                extra = aux_loss(method, unwrap(), step, rank)  # computed on the rank's own rows
+                backward(out.loss if extra is None else out.loss + extra)
+                aux.append(None if extra is None else extra.item())
                 if step == 0:
                     counts = expert_counts(unwrap())
                 optimizer.step()  # SMoRA: the step post-hook all-reduces the counts and updates the biases
                 optimizer.zero_grad()
                 losses.append(out.loss.item())
-            out_dir = os.path.join(args.out, engine, method, f"rank{rank}")
             state = full_state() if full_state is not None else None
-            unwrap().save_pretrained(out_dir, state_dict=state)  # every rank saves: the files must be identical
+            save(method, unwrap(), state, out_dir)
             torch.save(
-                {"losses": losses, "counts": counts, "biases": selection_biases(unwrap())},
+                {"losses": losses, "aux": aux, "counts": counts, "biases": selection_biases(unwrap())},
                 os.path.join(out_dir, "record.pt"),
             )
             dist.barrier()

@@ -172,7 +172,7 @@ def test_the_gate_file_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
 
     old = {"a": torch.ones(4)}
     save_gates(old, tmp_path)
-    monkeypatch.setattr("moe_peft.phatgoose.gates.save_file", lambda *a, **k: (_ for _ in ()).throw(Crash()))
+    monkeypatch.setattr("moe_peft.phatgoose.gates.save", lambda *a, **k: (_ for _ in ()).throw(Crash()))
     with pytest.raises(Crash):
         save_gates({"a": torch.zeros(4)}, tmp_path)
     monkeypatch.undo()

@@ -323,6 +323,52 @@ def test_the_gate_scales_each_tokens_expert_delta_by_a_sigmoid():
         torch.testing.assert_close(layer(x), base_out + delta)  # the hook is gone
 
 
+def test_gates_are_model_parameters_only_inside_the_block(tmp_path):
+    """Registered on the LoRA layers, so that DDP/FSDP/DeepSpeed built inside the block reduce their gradients
+    (tests/test_distributed.py trains them under every engine); the saved adapter does not change."""
+    _, _, _, tokenizer = _lora_batches(1)
+    model = _char_expert(tokenizer)
+    before = {n for n, _ in model.named_parameters()}
+    model.save_pretrained(tmp_path / "outside")
+    with moe_peft.phatgoose.gate_training(model) as gates:
+        named = dict(model.named_parameters())
+        trainable = {n for n, p in named.items() if p.requires_grad}
+        assert trainable == set(named) - before and len(trainable) == len(gates)
+        for name, v in gates.items():
+            assert named[f"base_model.model.{name}.base_layer.phatgoose_gate"] is v
+        v = next(iter(gates.values()))
+        with torch.no_grad():
+            v.normal_()
+        got = moe_peft.phatgoose.gates_from_state_dict(model.state_dict())
+        assert got.keys() == gates.keys() and torch.equal(got[next(iter(gates))], v)
+        model.save_pretrained(tmp_path / "inside")  # the gates are no LoRA weights: same adapter files
+        with pytest.raises(ValueError, match="nested"):
+            with moe_peft.phatgoose.gate_training(model):
+                pass
+    assert {n for n, _ in model.named_parameters()} == before
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (tmp_path / "outside" / name).read_bytes() == (tmp_path / "inside" / name).read_bytes()
+    with pytest.raises(ValueError, match="no PHATGOOSE gate"):
+        moe_peft.phatgoose.gates_from_state_dict(model.state_dict())
+
+
+def test_saved_gates_are_the_same_bytes_every_time(tmp_path):
+    """safetensors writes the metadata in a hash order that changes between saves (and processes): data-parallel
+    ranks saving the same gates wrote different files."""
+    gates = {"model.layers.0.mlp.up_proj": torch.randn(8), "model.layers.0.mlp.down_proj": torch.randn(16)}
+    info = {"steps": 3, "lr": 1e-3, "first_loss": 2.5, "last_loss": 2.0}
+    files = [(tmp_path / str(i) / moe_peft.phatgoose.GATES_FILE) for i in range(6)]
+    for file in files:
+        moe_peft.phatgoose.save_gates(gates, file.parent, info)
+    assert len({file.read_bytes() for file in files}) == 1
+    loaded = moe_peft.phatgoose.load_gates(files[0].parent)
+    assert all(torch.equal(loaded[k], v) for k, v in gates.items())
+    from safetensors import safe_open
+
+    with safe_open(str(files[0]), "pt") as f:
+        assert f.metadata() == {"format": "pt", "moe_peft": "phatgoose_gates", **{k: str(v) for k, v in info.items()}}
+
+
 @pytest.mark.parametrize("reentrant", [True, False])
 def test_gate_training_under_gradient_checkpointing(reentrant):
     batches, _, _, tokenizer = _lora_batches(1)
@@ -333,7 +379,8 @@ def test_gate_training_under_gradient_checkpointing(reentrant):
         train_mode(m, checkpointing, reentrant)
         with moe_peft.phatgoose.gate_training(m) as gates:
             m(**batches[0]).loss.backward()
-            assert all(p.grad is None for p in m.parameters())  # nothing but the gates receives gradient
+            others = [p for p in m.parameters() if not any(p is v for v in gates.values())]
+            assert all(p.grad is None for p in others)  # nothing but the gates receives gradient
             return {n: v.grad.clone() for n, v in gates.items()}
 
     want, got = grads(reference, False), grads(model, True)

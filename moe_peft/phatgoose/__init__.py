@@ -10,7 +10,7 @@ moe_peft.phatgoose.set_routing(model, "uniform")              # baselines: "unif
 """
 
 from .config import ROUTINGS, PhatgooseConfig
-from .gates import GATES_FILE, gate_training, load_gates, save_gates, train_gates
+from .gates import GATES_FILE, gate_training, gates_from_state_dict, load_gates, save_gates, train_gates
 from .layer import PhatgooseLinear
 from .library import Expert, add_experts, assemble, check_experts, read_expert
 from .model import PhatgooseModel, expert_load, mean_expert_load, set_routing
@@ -27,6 +27,7 @@ __all__ = [
     "check_experts",
     "expert_load",
     "gate_training",
+    "gates_from_state_dict",
     "load_gates",
     "mean_expert_load",
     "read_expert",

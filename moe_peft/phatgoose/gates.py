@@ -16,6 +16,7 @@ not rebuilt; the hooks and the frozen flags are undone when training ends.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -24,7 +25,7 @@ from typing import Any, Optional, Union
 import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from .._atomic_save import atomic_file
@@ -67,9 +68,14 @@ def lora_layers(model: PeftModel, adapter_name: str) -> dict[str, LoraLayer]:
     return layers
 
 
-def _gate_hook(gate: nn.Parameter):
+GATE_NAME = "phatgoose_gate"  # the gate's parameter name on the LoRA layer's base layer during gate training
+
+
+def _gate_hook(owner: nn.Module):
     def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         x = inputs[0]  # the LoRA layer's input, [..., in]
+        # read through the layer, not a captured Parameter: FSDP and ZeRO-3 swap in the gathered tensor at forward time
+        gate = getattr(owner, GATE_NAME)  # [in]
         with torch.autocast(device_type=x.device.type, enabled=False):
             g = torch.sigmoid(x.float() @ gate)  # [..., in] @ [in] -> [...]
         return output * g.unsqueeze(-1).to(output.dtype)  # gate every token's expert input
@@ -98,27 +104,56 @@ def _batches(data: Any, collator: Optional[Callable], batch_size: int, seed: int
 @contextmanager
 def gate_training(model: PeftModel, adapter_name: Optional[str] = None) -> Iterator[dict[str, nn.Parameter]]:
     """Within the block, every module of the LoRA expert computes W x + sigmoid(v . x) s B A x and only the gates v
-    (zero-initialized, yielded as {module name: v [in]}) require grad; on exit the hooks and flags are undone."""
+    (zero-initialized, yielded as {module name: v [in]}) require grad; on exit the hooks, gates and flags are undone.
+
+    Each gate is registered for the block as the parameter `phatgoose_gate` of the LoRA layer's base layer (PEFT
+    saves everything on a tuner layer except its base layer, so `save_pretrained` inside the block writes the same
+    adapter files as outside), so that a data-parallel wrapper made inside the block (DDP, FSDP, DeepSpeed; built
+    after entering it) reduces the gates' gradients like any other trainable parameter. Under a sharding engine the
+    yielded Parameters hold a shard: take the trained gates from the engine's full state dict with
+    `gates_from_state_dict`.
+    """
     adapter_name = _lora_adapter(model, adapter_name)
     layers = lora_layers(model, adapter_name)
+    owners = {name: layer.get_base_layer() for name, layer in layers.items()}
+    taken = sorted(name for name, owner in owners.items() if GATE_NAME in owner._parameters)
+    if taken:
+        raise ValueError(f"{taken} already train PHATGOOSE gates: gate_training blocks cannot be nested.")
     gates = {
         name: nn.Parameter(torch.zeros(layer.in_features, device=layer.lora_A[adapter_name].weight.device))
         for name, layer in layers.items()
     }  # v [in] per module, float32
     flags = {p: p.requires_grad for p in model.parameters()}
-    handles = [
-        layer.lora_dropout[adapter_name].register_forward_hook(_gate_hook(gates[name]))
-        for name, layer in layers.items()
-    ]
+    for p in flags:
+        p.requires_grad_(False)  # base and expert frozen: only the gates train
+    handles = []
     try:
-        for p in flags:
-            p.requires_grad_(False)  # base and expert frozen: only the gates train
+        for name, layer in layers.items():
+            owners[name].register_parameter(GATE_NAME, gates[name])
+            handles.append(layer.lora_dropout[adapter_name].register_forward_hook(_gate_hook(owners[name])))
         yield gates
     finally:
         for handle in handles:
             handle.remove()
+        for owner in owners.values():
+            owner._parameters.pop(GATE_NAME, None)
         for p, flag in flags.items():
             p.requires_grad_(flag)
+
+
+def gates_from_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{module name: v [in]} from a full (gathered) state dict of a model inside `gate_training`, e.g. FSDP's or
+    DeepSpeed's, keyed by the module names relative to the transformers model as `train_gates` returns them."""
+    suffix = ".base_layer." + GATE_NAME
+    gates = {}
+    for key, value in state_dict.items():
+        if key.endswith(suffix):
+            name = key[: -len(suffix)]  # the LoRA layer
+            name = name[len("base_model.model.") :] if name.startswith("base_model.model.") else name
+            gates[name] = value.detach().float().clone()
+    if not gates:
+        raise ValueError("state_dict holds no PHATGOOSE gate: take it from the model inside gate_training(...).")
+    return gates
 
 
 def train_gates(
@@ -177,8 +212,21 @@ def save_gates(gates: dict[str, torch.Tensor], path: Union[str, os.PathLike], in
     file = os.path.join(path, GATES_FILE)
     metadata = {"format": "pt", "moe_peft": "phatgoose_gates", **{k: str(v) for k, v in (info or {}).items()}}
     with atomic_file(file) as tmp:  # a reader sees the old gates or the new ones, never a partial file
-        save_file({k: v.float().cpu().contiguous() for k, v in gates.items()}, tmp, metadata=metadata)
+        data = save({k: v.float().cpu().contiguous() for k, v in gates.items()}, metadata=metadata)
+        with open(tmp, "wb") as f:
+            f.write(_canonical(data))
     return file
+
+
+def _canonical(data: bytes) -> bytes:
+    """The safetensors bytes with the header's keys sorted: safetensors (0.8) writes the metadata in a per-process
+    hash order, so the same gates saved by two processes (data-parallel ranks) would differ in bytes. Same header
+    length (only the order changes; the tensors' offsets are in their entries), same tensor bytes."""
+    size = int.from_bytes(data[:8], "little")  # header length, then the JSON header padded with spaces
+    header = json.dumps(json.loads(data[8 : 8 + size]), separators=(",", ":"), sort_keys=True).encode()
+    if len(header) > size:  # not the compact JSON safetensors writes: keep its bytes
+        return data
+    return data[:8] + header.ljust(size) + data[8 + size :]
 
 
 def load_gates(path: Union[str, os.PathLike]) -> Optional[dict[str, torch.Tensor]]:

@@ -74,8 +74,28 @@ class RoMARouterLayer(nn.Module, BaseTunerLayer):
         if adapter is None:
             out = self.base_layer(hidden_states, *args, **kwargs)
         else:
-            weight = self.roma_router[adapter].to(self.base_layer.weight.dtype)
-            out = functional_call(self.base_layer, {"weight": weight}, (hidden_states, *args), kwargs)
+            master = self.roma_router[adapter]  # [E, hidden] float32
+            # a DeepSpeed ZeRO-3 partitioned parameter (ZeRO-1/2 add no ds_status), in a forward that trains it
+            if hasattr(master, "ds_status") and master.requires_grad and torch.is_grad_enabled():
+                raise NotImplementedError(
+                    "RoMA adapters do not train under DeepSpeed ZeRO-3: DeepSpeed sets the router copy's gradient to "
+                    "an empty partition before its gradient is accumulated (a size-0 gradient error in backward). Train "
+                    "RoMA with ZeRO-2 (zero_stage: 2, configs/accelerate/deepspeed_zero2.yaml), DDP or FSDP; the "
+                    "trainable router copies are E x hidden per tuned layer, so partitioning them saves little."
+                )
+            weight = master.to(self.base_layer.weight.dtype)
+            if "weight" in vars(self.base_layer):
+                # FSDP1 (use_orig_params) runs the forward with its unsharded view as a plain attribute, which shadows
+                # the registered Parameter that functional_call would swap: the router would silently route with
+                # the frozen base weight and the copy would get no gradient. Swap the attribute itself.
+                shadow = vars(self.base_layer)["weight"]
+                vars(self.base_layer)["weight"] = weight
+                try:
+                    out = self.base_layer(hidden_states, *args, **kwargs)
+                finally:
+                    vars(self.base_layer)["weight"] = shadow
+            else:
+                out = functional_call(self.base_layer, {"weight": weight}, (hidden_states, *args), kwargs)
         position = self._recording_position(adapter)
         return out if position is None else self._capture.record(position, out)
 
