@@ -343,3 +343,43 @@ def test_adapter_holds_only_router_weights_and_reloads_in_a_fresh_process(arch, 
     script.write_text(FRESH_PROCESS)
     result = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert "FRESH-PROCESS-OK" in result.stdout, result.stderr[-3000:]
+
+
+def test_zero3_leaf_blocks_reduce_after_the_router_gradient(batch):
+    """DeepSpeed ZeRO-3 makes a sparse MoE block a leaf module (its default for Mixtral) and reduces the block's
+    gradients in the block's full backward hook; with a frozen model below, the lowest tuned block's input needs no
+    gradient, so that hook fires as soon as the block's output gradient arrives, before the router copy's gradient
+    (DeepSpeed then stored an empty partition as its gradient). Marked as DeepSpeed marks a leaf's parameters, the RoMA
+    model makes each such block's input require grad, so the hook fires after the copy's gradient; the gradients
+    themselves are unchanged, and unload removes the hooks."""
+
+    def run(mark: bool):
+        base = make_base("mixtral")
+        hooks_before = n_hooks(base)
+        model = get_peft_model(base, RoMAConfig(num_last_layers=LAYERS, lambda_warmup_steps=0))
+        perturb_routers(model)
+        model.train()
+        seen, handles = [], []
+        for name, layer in model.named_modules():
+            if isinstance(layer, RoMARouterLayer):
+                block = model.get_submodule(name.rsplit(".", 1)[0])  # the MoE block holding the router
+                copy_ = layer.roma_router["default"]
+                if mark:
+                    copy_.ds_z3_leaf_module = block  # what DeepSpeed sets on a leaf's parameters
+                handles.append(block.register_full_backward_hook(lambda *_, p=copy_: seen.append(p.grad is not None)))
+        out = model(**batch)
+        (out.loss + alignment_loss(model, random_neighbours(3, LAYERS))).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        for h in handles:
+            h.remove()
+        model.unload()
+        assert n_hooks(base) == hooks_before
+        return seen, grads
+
+    unmarked, want = run(mark=False)
+    assert len(unmarked) == LAYERS and not all(unmarked)  # the failure: some block's hook fires before its gradient
+    marked, got = run(mark=True)
+    assert marked == [True] * LAYERS
+    assert got.keys() == want.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=0, msg=key)

@@ -75,14 +75,6 @@ class RoMARouterLayer(nn.Module, BaseTunerLayer):
             out = self.base_layer(hidden_states, *args, **kwargs)
         else:
             master = self.roma_router[adapter]  # [E, hidden] float32
-            # a DeepSpeed ZeRO-3 partitioned parameter (ZeRO-1/2 add no ds_status), in a forward that trains it
-            if hasattr(master, "ds_status") and master.requires_grad and torch.is_grad_enabled():
-                raise NotImplementedError(
-                    "RoMA adapters do not train under DeepSpeed ZeRO-3: DeepSpeed sets the router copy's gradient to "
-                    "an empty partition before its gradient is accumulated (a size-0 gradient error in backward). Train "
-                    "RoMA with ZeRO-2 (zero_stage: 2, configs/accelerate/deepspeed_zero2.yaml), DDP or FSDP; the "
-                    "trainable router copies are E x hidden per tuned layer, so partitioning them saves little."
-                )
             weight = master.to(self.base_layer.weight.dtype)
             if "weight" in vars(self.base_layer):
                 # FSDP1 (use_orig_params) runs the forward with its unsharded view as a plain attribute, which shadows

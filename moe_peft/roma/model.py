@@ -27,6 +27,23 @@ def _batch_shape(args: tuple, kwargs: dict) -> Optional[tuple[int, int]]:
     return None
 
 
+def _input_requires_grad(module: nn.Module, args: tuple):
+    """Forward pre-hook on a DeepSpeed ZeRO-3 leaf module (a sparse MoE block; DeepSpeed makes Mixtral's, Qwen2-MoE's
+    and Qwen3-MoE's leaves by default) that holds a trainable RoMA router copy. ZeRO-3 reduces a leaf's gradients in
+    the leaf's full backward hook, which fires once the gradient of the leaf's inputs is computed, or, when no input
+    requires grad (the lowest tuned block of a frozen model), as soon as the gradient of its outputs arrives: before
+    the router copy's own gradient exists, so DeepSpeed stores an empty partition as that gradient (`zeros_like` of
+    the partitioned parameter) and accumulating the real one fails with a size-0 error in backward.
+    A detached input that requires grad makes the hook wait for the block's backward; the extra work is the gradient
+    of that one input (the layers below stay frozen: the new leaf has no history)."""
+    if not torch.is_grad_enabled() or not args or not isinstance(args[0], torch.Tensor):
+        return None
+    hidden = args[0]  # [B, S, H]
+    if hidden.requires_grad or not hidden.is_floating_point():
+        return None
+    return (hidden.detach().requires_grad_(), *args[1:])
+
+
 class RoMAModel(FullStateDictKeys, BaseTuner):
     prefix = "roma_"
     tuner_layer_cls = RoMARouterLayer
@@ -92,8 +109,20 @@ class RoMAModel(FullStateDictKeys, BaseTuner):
     def _post_injection_hook(self, model: nn.Module, config: RoMAConfig, adapter_name: str) -> None:
         if "_roma_root_hook" not in self.__dict__:
             self.__dict__["_roma_root_hook"] = model.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True)
+        self.__dict__["_roma_layers"] = [m for m in model.modules() if isinstance(m, RoMARouterLayer)]
+
+    def _zero3_leaf_hooks(self) -> None:
+        """Hook each ZeRO-3 leaf module holding a trainable router copy (DeepSpeed marks a leaf's parameters with
+        `ds_z3_leaf_module` when its engine is built, so this runs at every forward of the root model)."""
+        hooked = self.__dict__.setdefault("_roma_leaf_hooks", {})
+        for layer in self.__dict__.get("_roma_layers", ()):
+            for param in layer.roma_router.values():
+                leaf = getattr(param, "ds_z3_leaf_module", None)
+                if leaf is not None and param.requires_grad and id(leaf) not in hooked:
+                    hooked[id(leaf)] = leaf.register_forward_pre_hook(_input_requires_grad)
 
     def _root_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
+        self._zero3_leaf_hooks()
         adapter = self.active_adapters[0] if self.active_adapters else None
         config = self.peft_config.get(adapter)
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
@@ -109,6 +138,8 @@ class RoMAModel(FullStateDictKeys, BaseTuner):
         hook = self.__dict__.pop("_roma_root_hook", None)
         if hook is not None:
             hook.remove()
+        for leaf_hook in self.__dict__.pop("_roma_leaf_hooks", {}).values():
+            leaf_hook.remove()
         return super()._unload_and_optionally_merge(
             merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )
