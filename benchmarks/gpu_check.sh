@@ -62,7 +62,7 @@ EOF
 PIP=(python -m pip install -q -c "$CONSTRAINTS")
 [ -n "${WHEELS:-}" ] && PIP+=(--no-index --find-links "$WHEELS")
 # build isolation fetches setuptools from the registry: offline, build with the installed one; failing both, run
-# from the source tree (PYTHONPATH), which is all the tests and `python -m moe_peft.cli` need
+# from the source tree (PYTHONPATH), which is all the tests and `python -m moe_peft.apps.cli` need
 if ! python -m pip install -q --no-deps -e . && ! python -m pip install -q --no-deps --no-build-isolation -e .; then
     echo "could not pip install moe-peft: running from the source tree" | tee -a "$OUT/summary.txt"
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -102,8 +102,8 @@ echo "install: $((SECONDS - START)) s" | tee -a "$OUT/summary.txt"
 # 2.-4. tests and benchmarks
 step gpu_tests 200 python -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_kernels.py tests/test_experts.py \
     tests/test_multi_lora.py
-step bench_ops 130 python -m moe_peft.cli bench ops --reps 10
-step bench_experts 60 python -m moe_peft.cli bench experts --reps 10
+step bench_ops 130 python -m moe_peft.apps.cli bench ops --reps 10
+step bench_experts 60 python -m moe_peft.apps.cli bench experts --reps 10
 
 echo "gpu_check: $FAILED failed step(s), $((SECONDS - START)) s in all" | tee -a "$OUT/summary.txt"
 exit "$FAILED"

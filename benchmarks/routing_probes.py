@@ -27,9 +27,9 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
 import moe_peft
-from moe_peft.losses import localized_balance
-from moe_peft.routers import TopKRouter
-from moe_peft.tiny import tiny_llama
+from moe_peft.bases.tiny import tiny_llama
+from moe_peft.routing import TopKRouter
+from moe_peft.routing.losses import localized_balance
 
 MLP = ["gate_proj", "up_proj", "down_proj"]
 

@@ -30,14 +30,14 @@ import warnings
 from collections import defaultdict
 
 import torch
+from moe_peft.experts import MoELoraExperts
+from moe_peft.roma import RoMAConfig, alignment_loss, build_reference, exact_match_success
 from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 import moe_peft
+from moe_peft.bases.tiny import pretrain_tiny_moe
 from moe_peft.data import CharTokenizer, Collator, make_samples, tokenize_rows
-from moe_peft.experts import MoELoraExperts
-from moe_peft.roma import RoMAConfig, alignment_loss, build_reference, exact_match_success
-from moe_peft.tiny import pretrain_tiny_moe
 
 BASE_TASKS = ("cpy", "dup", "rev")  # what the tiny base learns in full
 TASKS = ("rev", "srt", "sft", "alt")  # fine-tuning: one task the base knows (RoMA's successful samples), three new

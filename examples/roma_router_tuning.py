@@ -24,11 +24,6 @@ import time
 import warnings
 
 import torch
-from peft import get_peft_model
-from transformers import AutoModelForCausalLM, TrainingArguments
-
-import moe_peft  # noqa: F401  (registers the methods with PEFT)
-from moe_peft.data import CharTokenizer, Collator, make_samples, tokenize_rows
 from moe_peft.roma import (
     RoMAConfig,
     RoMATrainer,
@@ -36,7 +31,12 @@ from moe_peft.roma import (
     exact_match_success,
     task_embeddings,
 )
-from moe_peft.tiny import pretrain_tiny_moe
+from peft import get_peft_model
+from transformers import AutoModelForCausalLM, TrainingArguments
+
+import moe_peft  # noqa: F401  (registers the methods with PEFT)
+from moe_peft.bases.tiny import pretrain_tiny_moe
+from moe_peft.data import CharTokenizer, Collator, make_samples, tokenize_rows
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -4,45 +4,50 @@
     from peft import get_peft_model
     model = get_peft_model(base, moe_peft.MoLEConfig(r=8, num_experts=4, target_modules=[...]))
 
-Importing this package registers the methods with PEFT (once; see _registration.py).
+Importing this package registers the methods with PEFT (once; see _internal/registration.py). This module is the
+public API only: every name a user imports, re-exported from the layer that defines it (docs/architecture.md).
 """
 
-from . import experts, llava, mhr, multi_lora, phatgoose, stats
-from ._atomic_save import atomic_saves
-from ._registration import forward_task_ids, register_methods
-from .accumulation import accumulation_weight
-from .config import LoRAMoEConfig, MoELoraConfig, MoLEConfig, SMoRAConfig
-from .experts import import_lora_adapter
+import sys as _sys
+
+from . import llava, multi_lora, stats
+from ._internal import compat as _compat
+from ._internal.accumulation import accumulation_weight
+from ._internal.atomic import atomic_saves
+from ._internal.quantized import dequantize_base
+from ._internal.registration import forward_task_ids, register_methods
+from ._internal.version import __version__ as __version__
 from .export import STRATEGIES as EXPORT_STRATEGIES
 from .export import ExportResult, NativeMoEError, export
-from .mhr import MHRConfig, MHRModel, import_poly_adapter
-from .model import (
-    LoRAMoEModel,
-    MoELoraModel,
-    MoLEModel,
-    SMoRAModel,
-    router_loss,
-    routing_stats,
-    update_router_biases,
-)
 from .ops import apply_lora_experts
-from .phatgoose import PhatgooseConfig, PhatgooseModel
-from .roma import RoMAConfig, RoMAModel
-
-__version__ = "0.1.0"
-
-register_methods(
-    {
-        "MOLE": (MoLEConfig, MoLEModel),
-        "LORAMOE": (LoRAMoEConfig, LoRAMoEModel),
-        "SMORA": (SMoRAConfig, SMoRAModel),
-        "MHR": (MHRConfig, MHRModel),
-        "PHATGOOSE": (PhatgooseConfig, PhatgooseModel),
-        "ROMA": (RoMAConfig, RoMAModel),
-    }
+from .tuners import (
+    METHODS,
+    LoRAMoEConfig,
+    LoRAMoEModel,
+    MHRConfig,
+    MHRModel,
+    MoELoraConfig,
+    MoELoraModel,
+    MoLEConfig,
+    MoLEModel,
+    PhatgooseConfig,
+    PhatgooseModel,
+    RoMAConfig,
+    RoMAModel,
+    SMoRAConfig,
+    SMoRAModel,
+    mhr,
+    phatgoose,
+    roma,
 )
-atomic_saves({"MOLE", "LORAMOE", "SMORA", "MHR", "PHATGOOSE", "ROMA"})  # save_pretrained never leaves half an adapter
+from .tuners.mhr import import_poly_adapter
+from .tuners.routed import experts, router_loss, routing_stats, update_router_biases
+from .tuners.routed.experts import import_lora_adapter
+
+register_methods(METHODS)
+atomic_saves(set(METHODS))  # save_pretrained never leaves half an adapter
 forward_task_ids({"MHR", "PHATGOOSE"})  # PEFT's task-specific models pass task_ids on only for its own Poly otherwise
+_compat.install(_sys.modules[__name__])  # the 0.1 module paths (moe_peft.config, moe_peft.layer, ...), deprecated
 
 
 def __getattr__(name: str):
@@ -88,4 +93,6 @@ __all__ = [
     "accumulation_weight",
     "routing_stats",
     "update_router_biases",
+    "dequantize_base",
+    "roma",
 ]

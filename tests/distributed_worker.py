@@ -69,7 +69,7 @@ def build(method: str):
     """The same initial model on every rank and in the reference (seeded)."""
     from peft import get_peft_model
 
-    from moe_peft.tiny import tiny_llama, tiny_moe
+    from moe_peft.bases.tiny import tiny_llama, tiny_moe
 
     if method in MOE_BASE:
         base = tiny_moe("mixtral", vocab_size=VOCAB, hidden_size=32, num_layers=2, num_experts=4, seed=0)
@@ -100,7 +100,7 @@ NEIGHBOURS = 2
 def roma_reference():
     """A fixed RoMA reference set over every row of the STEPS global batches (row i of step s is sample
     s * WORLD * ROWS + i): random routing r_j [N, L, E] and each sample's neighbours with kernel weights."""
-    from moe_peft.roma.reference import RoMAReference
+    from moe_peft.tuners.roma.reference import RoMAReference
 
     n, layers, experts = STEPS * WORLD * ROWS, 2, 4  # every MoE layer of the tiny Mixtral is tuned
     g = torch.Generator().manual_seed(7)
@@ -157,7 +157,7 @@ def expert_counts(model) -> dict[str, list[int]]:
 
 
 def selection_biases(model) -> dict[str, torch.Tensor]:
-    from moe_peft._state_dict import strip_wrapper_segments  # FSDP1 names carry its wrapper modules
+    from moe_peft._internal.state_dict import strip_wrapper_segments  # FSDP1 names carry its wrapper modules
 
     return {
         strip_wrapper_segments(n): b.detach().clone() for n, b in model.named_buffers() if n.endswith("selection_bias")
@@ -166,9 +166,8 @@ def selection_biases(model) -> dict[str, torch.Tensor]:
 
 def adapter_state(model) -> dict[str, torch.Tensor]:
     """What the run saves: the adapter's state dict, or for phatgoose_gates the gates ({module name: v [in]})."""
-    from peft.utils import get_peft_model_state_dict
-
     from moe_peft.phatgoose import gates_from_state_dict
+    from peft.utils import get_peft_model_state_dict
 
     if isinstance(model, dict):  # a gathered full state dict of the wrapped model
         return gates_from_state_dict(model)
@@ -180,8 +179,9 @@ def adapter_state(model) -> dict[str, torch.Tensor]:
 def save(method: str, model, state, out_dir: str) -> None:
     """Every rank saves: the files must be identical."""
     if method == "phatgoose_gates":
-        from moe_peft._state_dict import strip_wrapper_segments
         from moe_peft.phatgoose import save_gates
+
+        from moe_peft._internal.state_dict import strip_wrapper_segments
 
         state = model.state_dict() if state is None else state
         save_gates(adapter_state({strip_wrapper_segments(k): v for k, v in state.items()}), out_dir)

@@ -14,7 +14,7 @@ from peft import get_peft_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import moe_peft
-from moe_peft.tiny import tiny_llama
+from moe_peft.bases.tiny import tiny_llama
 
 from .conftest import MLP
 
@@ -191,7 +191,7 @@ def test_accumulation_weight_follows_trainer_training_step(tmp_path):
     assert moe_peft.accumulation_weight(trainer, None) == 1.0  # Trainer divides by 4 itself
     trainer.loss_is_scaled_for_ga = False
     # transformers 5.17's Trainer does not read the flag: then neither does accumulation_weight
-    reads_flag = moe_peft.accumulation.trainer_reads_scaled_flag()
+    reads_flag = moe_peft._internal.accumulation.trainer_reads_scaled_flag()
     assert moe_peft.accumulation_weight(trainer, torch.tensor(100)) == (1.0 if reads_flag else 0.25)
     trainer.loss_is_scaled_for_ga = None
     trainer.model_accepts_loss_kwargs = False

@@ -1,4 +1,4 @@
-"""moe_peft._atomic: a directory appears complete or not at all (used by export; meant for every save_pretrained)."""
+"""moe_peft._internal.atomic: a directory appears complete or not at all (used by export; meant for every save_pretrained)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from moe_peft._atomic import atomic_directory, write_json
+from moe_peft._internal.atomic import atomic_directory, write_json
 
 
 def test_the_directory_appears_only_when_complete(tmp_path):

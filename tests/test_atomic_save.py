@@ -17,7 +17,7 @@ from peft.utils import get_peft_model_state_dict
 
 import moe_peft
 from moe_peft import _atomic_save
-from moe_peft.tiny import tiny_llama
+from moe_peft.bases.tiny import tiny_llama
 
 from .conftest import MLP, VOCAB, randomize_experts
 
@@ -116,10 +116,10 @@ def test_every_adapter_of_a_multi_adapter_model_is_published(tmp_path):
 def test_plain_lora_adapters_written_by_moe_peft_are_published_whole(writer, tmp_path, monkeypatch):
     """MHR's task export and multi_lora.save_adapters write PEFT LoRA adapters (PEFT's own save is not atomic):
     a write that dies leaves the previous adapter, loadable and unchanged."""
+    from moe_peft.mhr import convert
     from peft import LoraConfig
 
     from moe_peft import multi_lora
-    from moe_peft.mhr import convert
 
     if writer == "export_task_lora":
         model = _model("mhr", 1)
@@ -128,7 +128,7 @@ def test_plain_lora_adapters_written_by_moe_peft_are_published_whole(writer, tmp
         def write(task):
             convert.export_task_lora(model, task, dest)
 
-        monkeypath, staged = "moe_peft.mhr.convert.save_file", dest  # the directory that is staged
+        monkeypath, staged = "moe_peft.tuners.mhr.convert.save_file", dest  # the directory that is staged
     else:
         model = get_peft_model(_base(), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
         model.add_adapter("b", LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
@@ -172,7 +172,7 @@ def test_the_gate_file_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
 
     old = {"a": torch.ones(4)}
     save_gates(old, tmp_path)
-    monkeypatch.setattr("moe_peft.phatgoose.gates.save", lambda *a, **k: (_ for _ in ()).throw(Crash()))
+    monkeypatch.setattr("moe_peft.tuners.phatgoose.gates.save", lambda *a, **k: (_ for _ in ()).throw(Crash()))
     with pytest.raises(Crash):
         save_gates({"a": torch.zeros(4)}, tmp_path)
     monkeypatch.undo()
@@ -185,7 +185,7 @@ KILLED = textwrap.dedent(
     import json, os, signal, sys, time, torch, moe_peft
     from peft import get_peft_model
     from safetensors.torch import load_file
-    from moe_peft.tiny import tiny_llama
+    from moe_peft.bases.tiny import tiny_llama
     torch.set_num_threads(1)
     dest = sys.argv[1]
     # a larger adapter so that a save takes a while; every weight of save i equals i

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import moe_peft
+from moe_peft.bases.tiny import tiny_llama
 from moe_peft.bench import quality as q
 from moe_peft.bench import quality_methods as qm
 from moe_peft.data import TASKS, CharTokenizer
-from moe_peft.tiny import tiny_llama
 
 TINY = dict(hidden_size=32, intermediate_size=64)
 
@@ -131,7 +131,7 @@ def test_active_parameters_against_hand_formula(config, experts_per_token):
 def test_null_experts_lower_the_active_parameters_by_the_measured_null_share():
     from peft import get_peft_model
 
-    from moe_peft.layer import MoELoraLinear
+    from moe_peft.tuners.routed.layer import MoELoraLinear
 
     base = tiny_llama(vocab_size=40, **TINY)
     cfg = moe_peft.MoLEConfig(r=3, num_experts=4, top_k=2, num_null_experts=4, target_modules=qm.TARGETS)

@@ -7,8 +7,8 @@ import torch
 from peft import get_peft_model
 
 import moe_peft
-from moe_peft.layer import MoELoraLinear
-from moe_peft.methods import expert_bank_shape
+from moe_peft.tuners.routed.layer import MoELoraLinear
+from moe_peft.tuners.routed.methods import expert_bank_shape
 
 from .conftest import CASES, checkpointed_grads, make_config, randomize_experts
 

@@ -47,7 +47,7 @@ def test_dataset_and_collator():
 
 
 def test_demo_runs_trains_saves_and_reloads(tmp_path, capsys):
-    from moe_peft.demo import run_demo
+    from moe_peft.apps.demo import run_demo
 
     result = run_demo(out_dir=str(tmp_path), steps=60, batch_size=16)
     assert result["reload_identical"]

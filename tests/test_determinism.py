@@ -8,7 +8,7 @@ import pathlib
 
 import pytest
 
-from moe_peft.demo import run_demo
+from moe_peft.apps.demo import run_demo
 from moe_peft.train.config import load_config
 from moe_peft.train.run import train_from_config
 

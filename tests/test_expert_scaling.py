@@ -10,7 +10,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 import moe_peft
-from moe_peft.layer import MoELoraLinear
+from moe_peft.tuners.routed.layer import MoELoraLinear
 
 from .conftest import MLP, randomize_experts
 

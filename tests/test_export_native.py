@@ -11,8 +11,8 @@ import torch
 from peft import get_peft_model
 
 import moe_peft
+from moe_peft.bases.tiny import tiny_dense, tiny_moe
 from moe_peft.data import CharTokenizer
-from moe_peft.tiny import tiny_dense, tiny_moe
 
 from .conftest import MLP
 from .export_fresh import left_padded, load_fresh, routed_outputs

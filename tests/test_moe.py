@@ -7,7 +7,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 import moe_peft
-from moe_peft.tiny import tiny_llama
+from moe_peft.bases.tiny import tiny_llama
 
 from .conftest import MLP, make_config, randomize_experts
 
@@ -117,7 +117,7 @@ def test_loramoe_localized_balancing_needs_sample_types(base, batch):
 
 
 def test_smora_selection_bias_does_not_enter_gate_values():
-    from moe_peft.routers import SMoRARouter
+    from moe_peft.routing import SMoRARouter
 
     router = SMoRARouter(8, 6, 2)
     x = torch.randn(5, 8)
@@ -129,7 +129,7 @@ def test_smora_selection_bias_does_not_enter_gate_values():
 
 
 def test_null_experts_route_some_tokens_nowhere():
-    from moe_peft.routers import TopKRouter
+    from moe_peft.routing import TopKRouter
 
     router = TopKRouter(8, num_experts=2, top_k=2, num_null_experts=3)
     with torch.no_grad():
@@ -152,7 +152,7 @@ def test_null_expert_fraction_is_reported(base, batch):
 
 
 def test_top_p_keeps_a_variable_number_of_experts():
-    from moe_peft.routers import TopKRouter
+    from moe_peft.routing import TopKRouter
 
     router = TopKRouter(8, num_experts=4, top_k=4, top_p=0.5)
     with torch.no_grad():
@@ -170,7 +170,7 @@ def test_top_p_keeps_a_variable_number_of_experts():
 
 
 def test_eval_dense_routing_mixes_all_experts():
-    from moe_peft.routers import TopKRouter
+    from moe_peft.routing import TopKRouter
 
     router = TopKRouter(8, num_experts=3, top_k=1, eval_routing="dense").eval()
     out = router(torch.randn(4, 8))

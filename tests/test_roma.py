@@ -12,11 +12,11 @@ import textwrap
 
 import pytest
 import torch
+from moe_peft.roma import Neighbours, RoMAConfig, RoMARouterLayer, alignment_loss, find_routers, routing_representation
 from peft import PeftConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from moe_peft.roma import Neighbours, RoMAConfig, RoMARouterLayer, alignment_loss, find_routers, routing_representation
-from moe_peft.tiny import tiny_llama, tiny_moe
+from moe_peft.bases.tiny import tiny_llama, tiny_moe
 
 from .test_contract import n_hooks
 

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import get_peft_model
-
-from moe_peft.data import CharTokenizer, Collator, make_dataset
 from moe_peft.roma import (
     RoMAConfig,
     RoMAReference,
@@ -23,8 +20,11 @@ from moe_peft.roma import (
 )
 from moe_peft.roma import embeddings as roma_embeddings
 from moe_peft.roma import reference as roma_reference
-from moe_peft.roma.reference import generate_answers
-from moe_peft.tiny import tiny_moe
+from peft import get_peft_model
+
+from moe_peft.bases.tiny import tiny_moe
+from moe_peft.data import CharTokenizer, Collator, make_dataset
+from moe_peft.tuners.roma.reference import generate_answers
 
 TOKENIZER = CharTokenizer()
 

@@ -8,9 +8,9 @@ import torch
 from peft import get_peft_model
 
 import moe_peft
-from moe_peft.losses import localized_balance
-from moe_peft.routers import TopKRouter
-from moe_peft.tiny import tiny_llama
+from moe_peft.bases.tiny import tiny_llama
+from moe_peft.routing import TopKRouter
+from moe_peft.routing.losses import localized_balance
 
 from .conftest import MLP, randomize_experts
 

@@ -8,7 +8,7 @@ import torch
 from peft import PeftModel, get_peft_model
 
 import moe_peft
-from moe_peft.tiny import tiny_llama
+from moe_peft.bases.tiny import tiny_llama
 
 from .conftest import MLP, randomize_experts
 
@@ -139,7 +139,7 @@ def test_update_by_hand_and_no_update_without_a_step(batch):
 
 
 def test_warns_once_when_counts_wait_for_a_step(batch, monkeypatch):
-    import moe_peft.model as tuner_module
+    import moe_peft.tuners.routed.model as tuner_module
 
     monkeypatch.setattr(tuner_module, "_PENDING_WARN_AFTER", 3)
     model = _smora().train()

@@ -125,7 +125,7 @@ def _adapters(block: nn.Module, rank: int):
     """(peft, ours): two copies of the block with the same random LoRA on both expert weights (B != 0)."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    from ..config import MoLEConfig
+    from ..tuners.routed.config import MoLEConfig
 
     peft_model = inject_adapter_in_model(
         LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=[], target_parameters=TARGETS, init_lora_weights=False),

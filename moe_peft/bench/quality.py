@@ -27,7 +27,6 @@ import copy
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import random
 import shutil
@@ -41,8 +40,8 @@ from typing import Optional
 
 import torch
 
-from ..data import CharTokenizer, Collator, make_samples, tokenize_sample
-from ..demo import generate_answers
+from ..data.answers import generate_answers
+from ..data.bundled import CharTokenizer, Collator, make_samples, tokenize_sample
 from .quality_methods import (
     TARGETS,
     Method,
@@ -50,7 +49,6 @@ from .quality_methods import (
     fit_rank,
     method_table,
     moe_active_params,
-    phatgoose_params,
 )
 
 KNOWLEDGE_GROUP = "knowledge"  # the PHATGOOSE expert trained on the world-knowledge samples
@@ -211,7 +209,7 @@ def summarize(scores: dict[str, float], suite: Suite) -> dict[str, float]:
 # -- the pre-trained base (cached) ----------------------------------------------------------------------------------
 def pretrained_base(suite: Suite, cache_dir: str, tokenizer: CharTokenizer, log=print) -> str:
     """Directory of the base pre-trained on the knowledge tasks; trained once per suite.base_key() and cached."""
-    from ..tiny import tiny_llama
+    from ..bases.tiny import tiny_llama
 
     path = os.path.join(cache_dir, f"base-{suite.base_key()}")
     if os.path.exists(os.path.join(path, "meta.json")):
@@ -264,7 +262,7 @@ def run_phatgoose(method, suite, base_dir, rank, lr, samples, tokenizer, workdir
     the mixture (in the mixture's order), its gates trained after it; the library routes top-2 without task ids."""
     from peft import PeftModel, get_peft_model
 
-    from .. import phatgoose
+    from ..tuners import phatgoose
 
     groups = list(suite.tasks) + ([KNOWLEDGE_GROUP] if suite.knowledge_share > 0 else [])
     paths, seconds = [], []
@@ -487,13 +485,3 @@ def count_trainable_lora(base, rank: int) -> int:
     from .quality_methods import _lora
 
     return count_trainable(get_peft_model(copy.deepcopy(base), _lora(rank)))
-
-
-def active_params(method: Method, suite: Suite, base, rank: int, trainable: int, runs: list[dict]) -> float:
-    """Parameters taking part in one token's output (see quality_methods.moe_active_params)."""
-    if method.kind == "moe":
-        values = [r["active"] for r in runs if "active" in r]
-        return statistics.mean(values) if values else math.nan
-    if method.kind == "phatgoose":
-        return phatgoose_params(base, rank, len(suite.tasks) + (1 if suite.knowledge_share > 0 else 0))[1]
-    return trainable  # LoRA, MHR: every parameter takes part

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -20,8 +21,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from .. import LoRAMoEConfig, MHRConfig, MoLEConfig, SMoRAConfig
-from ..layer import MoELoraLinear
+from ..tuners import LoRAMoEConfig, MHRConfig, MoLEConfig, SMoRAConfig
+from ..tuners.routed.layer import MoELoraLinear
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BUDGET_TOLERANCE = 0.05
@@ -197,3 +198,13 @@ def moe_active_params(model: nn.Module) -> float:
                 continue
             total += float(record.experts_per_token) * per_expert
     return total
+
+
+def active_params(method: Method, suite, base, rank: int, trainable: int, runs: list[dict]) -> float:
+    """Parameters taking part in one token's output (see quality_methods.moe_active_params)."""
+    if method.kind == "moe":
+        values = [r["active"] for r in runs if "active" in r]
+        return statistics.mean(values) if values else math.nan
+    if method.kind == "phatgoose":
+        return phatgoose_params(base, rank, len(suite.tasks) + (1 if suite.knowledge_share > 0 else 0))[1]
+    return trainable  # LoRA, MHR: every parameter takes part

@@ -22,7 +22,7 @@ def _cell(mean: float, std: float, seeds: int) -> str:
 
 
 def summary_rows(suite, methods, runs, best_lr, ranks, params, budget, base, times) -> list[dict]:
-    from .quality import active_params
+    from .quality_methods import active_params
 
     rows = []
     for m in methods:

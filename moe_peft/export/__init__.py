@@ -11,7 +11,8 @@ LoRA adapters; calibration.py and measure.py load the calibration rows and measu
 cli.py is `moe-peft merge`.
 """
 
-from .api import EXACT, RECORD_FILE, STRATEGIES, ExportResult, export, merge_hint
+from ..tuners.routed.merge_hint import merge_hint
+from .api import EXACT, RECORD_FILE, STRATEGIES, ExportResult, export
 from .native import NativeMoEError
 
 __all__ = ["EXACT", "RECORD_FILE", "STRATEGIES", "ExportResult", "NativeMoEError", "export", "merge_hint"]

@@ -10,15 +10,15 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from .._atomic import atomic_directory, write_json
-from ..config import SMoRAConfig
-from ..mhr.layer import MHRLinear
-from ..phatgoose.layer import PhatgooseLinear
+from .._internal.atomic import atomic_directory, write_json
+from ..tuners.mhr.layer import MHRLinear
+from ..tuners.phatgoose.layer import PhatgooseLinear
+from ..tuners.routed.config import SMoRAConfig
 from . import approximate as approx
 from .calibration import Calibration, batches, load_calibration
 from .lora import build_lora_model, linear_factors
 from .measure import measure, summary
-from .native import NativeMoEError, build_native, check_base, method_problem, routed_blocks
+from .native import NativeMoEError, build_native, check_base, routed_blocks
 from .parts import Options, Parts, RoutedLinear, plain_tensors, read_parts
 from .plain import check_not_quantized, merge_factors, merge_fixed, new_plain_model, tensor_bytes
 
@@ -55,23 +55,6 @@ def routed_hint(parts: Parts) -> str:
     return (
         f"{', '.join(sources)} routes every token to its own experts in {len(names)} layers ({shown}), so it is not "
         f"one fixed weight. {use}"
-    )
-
-
-def merge_hint(config) -> str:
-    """The part of merge_and_unload()'s refusal (layer.py) that names the strategies for a token-routed config."""
-    problem = method_problem(config)
-    native = (
-        "'native_moe' (exact: a stock sparse-MoE checkpoint such as Mixtral, when the routed layers are whole MLP "
-        "blocks and router_bias=False), "
-        if problem is None
-        else ""
-    )
-    why = f" ('native_moe' does not apply: {problem})" if problem is not None else ""
-    return (
-        f"To deploy it, use moe_peft.export(model, strategy=..., out=DIR) or `moe-peft merge ADAPTER --strategy ...` "
-        f"with {native}'average', 'routing_weighted' or 'svd' (approximate: a plain PEFT LoRA adapter or merged "
-        f"weights, with the error measured on calibration data){why}."
     )
 
 
@@ -157,7 +140,7 @@ def _check_options(strategy, rank, merge, measure_error, ridge, task_id, phatgoo
 
 def _record(strategy, output, parts, peft_config, root, source, base_path, exported, calib, error) -> dict:
     """moe_peft_export.json (without options and size, which the caller adds)."""
-    from .. import __version__
+    from .._internal.version import __version__
 
     exact_sources = {p.source for p in parts.fixed if getattr(p, "exact", True)}
     approximated = {p.source for p in parts.fixed if not getattr(p, "exact", True)}

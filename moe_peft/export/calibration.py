@@ -22,8 +22,8 @@ from typing import Optional, Union
 
 import torch
 
-from ..data import DEFAULT_TASKS, make_samples, tokenize_rows
-from ..roma.embeddings import encode_text, pad_batch, pad_id_of
+from ..data.bundled import DEFAULT_TASKS, make_samples, tokenize_rows
+from ..tuners.roma.embeddings import encode_text, pad_batch, pad_id_of
 
 BUNDLED_SEED = 2024  # not the demo's training (0) or test (1000) seeds
 HOLDOUT_EVERY = 4

@@ -44,7 +44,7 @@ def add_parser(sub) -> None:
 
 def load_tokenizer(*paths: str):
     """moe-peft's CharTokenizer when a directory holds one, else the transformers tokenizer, else None."""
-    from ..data import CharTokenizer
+    from ..data.bundled import CharTokenizer
 
     for path in paths:
         if path and os.path.isfile(os.path.join(path, "char_tokenizer.json")):

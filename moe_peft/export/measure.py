@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..roma.reference import exact_match_success
+from ..tuners.roma.reference import exact_match_success
 from .calibration import Calibration, batches
 
 Extra = Optional[Callable[[int], dict]]  # batch size -> extra forward/generate keywords (MHR's task_ids)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import LoRAMoEConfig, MoLEConfig, SMoRAConfig
+from ..tuners.routed.merge_hint import method_problem
 from .parts import Parts, RoutedLinear
 from .plain import get_tensor
 
@@ -50,37 +50,6 @@ class Block:
     router_weight: torch.Tensor  # [E + m, hidden]: real experts, then null experts
     num_real: int
     deltas: dict[str, torch.Tensor]  # projection -> [E, out, in], s B_e A_e
-
-
-def method_problem(config) -> str | None:
-    """Why a routed config cannot become a stock sparse-MoE layer, from the config alone (None: it can, if its
-    routed layers are whole MLP blocks and its router has no trained bias)."""
-    if isinstance(config, LoRAMoEConfig):
-        return "LoRAMoE mixes all of a projection's experts with softmax weights inside the projection"
-    if isinstance(config, SMoRAConfig):
-        return "SMoRA routes the ranks of one LoRA inside each projection"
-    if not isinstance(config, MoLEConfig):
-        return f"{type(config).__name__} routes every adapted module separately"
-    if config.router_granularity != "block":
-        return (
-            "router_granularity='linear' gives every projection its own router, so gate_proj, up_proj and down_proj "
-            "can pick different experts for one token"
-        )
-    if config.top_p is not None:
-        return f"top_p={config.top_p} weights experts by raw, unnormalized probabilities inside each projection"
-    if config.top_k != 1:
-        return (
-            f"top_k={config.top_k} mixes the experts' LoRA deltas inside each projection, before the activation, "
-            "while a sparse-MoE layer adds whole expert outputs; only top_k=1 maps exactly"
-        )
-    if config.top1_weight != "straight_through":
-        return (
-            "top1_weight='prob' scales each projection's delta by the router probability inside the MLP; the stock "
-            "layouts weight a top-1 expert by 1"
-        )
-    if config.eval_routing != "topk":
-        return "eval_routing='dense' mixes every expert by its probability inside each projection at inference"
-    return None
 
 
 def _router_logit_bias(part: RoutedLinear) -> torch.Tensor:

@@ -15,8 +15,8 @@ from __future__ import annotations
 import re
 from typing import Any, Literal, Optional
 
-from ..config import MoLEConfig
-from ..model import IMAGE_TOKEN_MODEL_TYPES
+from ..tuners.routed.config import MoLEConfig
+from ..tuners.routed.model import IMAGE_TOKEN_MODEL_TYPES
 
 SUPPORTED_MODEL_TYPES = IMAGE_TOKEN_MODEL_TYPES  # LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 

@@ -155,7 +155,7 @@ def make_image_tasks(num_samples: int, tasks: Iterable[str] = TASKS, seed: int =
 
 def build_tokenizer():
     """A word-level fast tokenizer over the bundled tasks' words, with LLaVA-1.5's chat template: ids 0..3 are
-    <pad>, <s>, </s>, <unk>; the last id is <image> (the image token of moe_peft.tiny's LLaVA models). It adds
+    <pad>, <s>, </s>, <unk>; the last id is <image> (the image token of moe_peft.bases.tiny's LLaVA models). It adds
     <s> in front, as Llama's tokenizer does."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
@@ -187,7 +187,7 @@ def _pil_image_processor(kind: str):
 
 
 def build_processor(kind: str = "llava", image_size: int = 16, patch_size: int = 4, tokenizer=None):
-    """A LlavaProcessor (kind="llava") or LlavaNextProcessor ("llava_next") for moe_peft.tiny's models: CLIP image
+    """A LlavaProcessor (kind="llava") or LlavaNextProcessor ("llava_next") for moe_peft.bases.tiny's models: CLIP image
     processing at `image_size` (LLaVA-NeXT: its anyres tiles on the 1x2, 2x1, 2x2 grids of tiny_llava_next), the
     local tokenizer, and the chat template. Saved with `save_pretrained`, it reloads with AutoProcessor."""
     from transformers import LlavaNextProcessor, LlavaProcessor

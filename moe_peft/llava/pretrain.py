@@ -27,7 +27,7 @@ def pretrain_tiny_llava(
     """Train a tiny `kind` model ("llava" or "llava_next", sizes in TINY) in full on `tasks` for `steps` steps,
     save it with its processor under `out_dir`, and return the directory; an existing one is reused (the torch
     thread count is in its name: floating-point sums, and so the trained weights, depend on it)."""
-    from ..tiny import tiny_llava, tiny_llava_next
+    from ..bases.tiny import tiny_llava, tiny_llava_next
 
     name = f"base-{kind}-{steps}-{seed}-{lr}-{'-'.join(tasks)}-t{torch.get_num_threads()}"
     path = os.path.join(out_dir, name)

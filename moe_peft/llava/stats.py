@@ -6,7 +6,7 @@ from typing import Optional
 
 from torch import nn
 
-from ..model import routing_stats
+from ..tuners.routed.model import routing_stats
 
 
 def modality_load(model: nn.Module, adapter_name: Optional[str] = None) -> dict[str, dict]:

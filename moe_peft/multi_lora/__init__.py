@@ -22,6 +22,7 @@ as one expert bank), lora.py (PEFT LoRA layers), moe.py (moe-peft layers), train
 per adapter), trainer.py (the transformers.Trainer subclass).
 """
 
+from . import moe  # noqa: F401  (registers the routed layer's mixed-batch hook)
 from .enable import disable, enable, is_enabled
 from .selection import BASE, AdapterSelection
 from .training import adapter_parameters, clip_grad_norm_per_adapter, per_adapter_loss, save_adapters

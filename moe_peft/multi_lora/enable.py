@@ -43,7 +43,7 @@ class MultiLoraState:
     def known_adapters(self) -> set[str]:
         from peft.tuners.lora import LoraLayer
 
-        from ..layer import MoELoraLinear
+        from ..tuners.routed.layer import MoELoraLinear
 
         known = set()
         for module in self.tuner.model.modules():
@@ -57,7 +57,7 @@ class MultiLoraState:
 def _tuner(model: nn.Module) -> nn.Module:
     from peft.tuners.lora import LoraModel
 
-    from ..model import MoELoraModel
+    from ..tuners.routed.model import MoELoraModel
 
     tuner = model if isinstance(model, (LoraModel, MoELoraModel)) else getattr(model, "base_model", None)
     if not isinstance(tuner, (LoraModel, MoELoraModel)):

@@ -14,8 +14,8 @@ import torch
 from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
 
+from .._internal.quantized import dense_linear
 from ..ops import apply_lora_per_sample, linear_lora_per_sample
-from ..qlora import dense_linear
 from .bank import layer_bank
 from .selection import AdapterSelection, dropout_p, per_sample_dropout
 

@@ -17,8 +17,8 @@ adapter's loss passes through `_OwnMeanGradient`, which in backward rescales its
 (pairs in the forward) / (the adapter's pairs): every adapter's routers then get exactly the router-loss
 gradient they get when the adapter trains alone.
 
-Called from layer.py (`MoELoraLinear.route_block` and `forward`) when the routing context carries an
-`adapter_selection`.
+Called from the routed layer (`MoELoraLinear.route_block` and `forward`) when the routing context carries an
+`adapter_selection`, through the hook registered at the end of this module (the layer does not import this one).
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from ..context import attach_router_loss
-from ..methods import plain_routing, route, router_loss_and_stats
+from .._internal.quantized import dense_linear
 from ..ops import apply_lora_experts, linear_lora_experts
-from ..qlora import dense_linear
-from ..routers import Routing
+from ..routing import Routing
+from ..routing.context import MixedBatchHook, attach_router_loss, set_mixed_batch_hook
+from ..tuners.routed.methods import plain_routing, route, router_loss_and_stats
 from .bank import layer_bank
 from .selection import AdapterSelection, dropout_p, per_sample_dropout
 
@@ -194,3 +194,6 @@ def _combined_routing(layer, names: list[str], routed: dict, batch: int, seq: in
             weights = weights.index_copy(0, rows, w_a.view(rows.numel(), seq, k_max))  # out of place: autograd
         offset += num_experts
     return idx.view(batch * seq, k_max), weights.view(batch * seq, k_max)  # [B, S, k] -> [T, k]
+
+
+set_mixed_batch_hook(MixedBatchHook(route_block=route_block, forward=forward))

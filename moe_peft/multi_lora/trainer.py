@@ -27,7 +27,7 @@ from transformers import Trainer as HFTrainer
 from transformers import default_data_collator
 from transformers.trainer import TRAINING_ARGS_NAME
 
-from ..accumulation import accumulation_steps, trainer_reads_scaled_flag
+from .._internal.accumulation import accumulation_steps, trainer_reads_scaled_flag
 from .enable import _tuner, enable
 from .selection import BASE
 from .training import clip_grad_norm_per_adapter, per_adapter_loss, save_adapters

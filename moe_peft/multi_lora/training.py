@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from .._atomic_save import staged_adapter
+from .._internal.atomic import staged_adapter
 from .enable import _tuner
 from .selection import BASE, AdapterSelection
 

@@ -75,8 +75,8 @@ class RoutingStats:
 
 
 def _tuner_needs_task_ids(model: nn.Module) -> bool:
-    from ..mhr.model import MHRModel
-    from ..phatgoose.model import PhatgooseModel
+    from ..tuners.mhr.model import MHRModel
+    from ..tuners.phatgoose.model import PhatgooseModel
 
     tuner = getattr(getattr(model, "module", model), "base_model", model)
     if isinstance(tuner, MHRModel):
@@ -125,7 +125,7 @@ def _row_batches(
             else:
                 if tokenizer is None:
                     raise ValueError("rows without input_ids need tokenizer= to tokenize them.")
-                from ..train.data import tokenize_example
+                from ..data.user import tokenize_example
 
                 ids.append(tokenize_example(row, tokenizer)["input_ids"])
         width = max(len(x) for x in ids)
@@ -201,7 +201,7 @@ def collect(
 
 
 def _expert_names(model: nn.Module) -> Optional[list[str]]:
-    from ..phatgoose.model import PhatgooseModel
+    from ..tuners.phatgoose.model import PhatgooseModel
 
     tuner = getattr(getattr(model, "module", model), "base_model", model)
     if isinstance(tuner, PhatgooseModel):

@@ -41,8 +41,8 @@ Reader = Callable[[nn.Module, tuple, Any], Optional[Decision]]
 
 # -- what each method's routed modules look like --------------------------------------------------------------------
 def _moe_lora_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, Reader]]:
-    from ..layer import MoELoraLinear
-    from ..routers import DenseRouter, SMoRARouter
+    from ..routing import DenseRouter, SMoRARouter
+    from ..tuners.routed.layer import MoELoraLinear
 
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, MoELoraLinear)]
     adapters = {a for _, m in layers for a in m.routers.keys()}
@@ -69,7 +69,7 @@ def _moe_lora_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, Reader]
 
 
 def _mhr_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, Reader]]:
-    from ..mhr.layer import MHRLinear
+    from ..tuners.mhr.layer import MHRLinear
 
     for name, layer in model.named_modules():
         if not isinstance(layer, MHRLinear):
@@ -85,7 +85,7 @@ def _mhr_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, Reader]]:
 
 
 def _phatgoose_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, Reader]]:
-    from ..phatgoose.layer import PhatgooseLinear
+    from ..tuners.phatgoose.layer import PhatgooseLinear
 
     for name, layer in model.named_modules():
         if not isinstance(layer, PhatgooseLinear):
@@ -106,7 +106,7 @@ def _phatgoose_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, Reader
 
 
 def _roma_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, Reader]]:
-    from ..roma.layer import RoMARouterLayer
+    from ..tuners.roma.layer import RoMARouterLayer
 
     for name, layer in model.named_modules():
         if not isinstance(layer, RoMARouterLayer):

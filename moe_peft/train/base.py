@@ -11,10 +11,10 @@ import tempfile
 
 import torch
 
-from ..data import DEFAULT_TASKS, make_samples
-from ..tiny import char_tokenizer, tiny_llama, tiny_moe
+from ..bases.tiny import char_tokenizer, tiny_llama, tiny_moe
+from ..data.bundled import DEFAULT_TASKS, make_samples
+from ..data.user import tokenize_example
 from .config import LLAVA_ARCHS, TinyBaseConfig
-from .data import tokenize_example
 
 BASE_ALPHABET = "abcdefghijklmnopqrstuvwx"  # the letters a tiny Llama base learns (bundled tasks use a-j)
 MOE_ALPHABET = "abcdefghij"  # a tiny MoE base learns the bundled tasks themselves (RoMA needs successes)

@@ -39,8 +39,8 @@ def _unwrap(model):
 
 
 def _smora_tuner(model):
-    from ..config import SMoRAConfig
-    from ..model import MoELoraModel
+    from ..tuners.routed.config import SMoRAConfig
+    from ..tuners.routed.model import MoELoraModel
 
     tuner = getattr(_unwrap(model), "base_model", None)
     if isinstance(tuner, MoELoraModel) and any(isinstance(c, SMoRAConfig) for c in tuner.peft_config.values()):
@@ -88,7 +88,7 @@ class RoutingStatsCallback(TrainerCallback):
         tuner = _smora_tuner(model) if model is not None else None
         if tuner is None or getattr(optimizer, "step_was_skipped", False):
             return
-        from ..model import update_router_biases
+        from ..tuners.routed.model import update_router_biases
 
         if update_router_biases(tuner):
             self.bias_updates += 1

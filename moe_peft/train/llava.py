@@ -23,9 +23,9 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from ..data import DEFAULT_TASKS
+from ..data.bundled import DEFAULT_TASKS
+from ..data.user import DataConfig, DataError, UserData
 from .config import ConfigError, RunConfig
-from .data import DataConfig, DataError, UserData
 
 IMAGE_DATA = "bundled_images"
 TINY_IMAGE_SIZE = 16  # moe_peft.llava.pretrain.TINY["image_size"]; a real model's processor resizes larger drawings
@@ -95,7 +95,7 @@ def train_llava(config: RunConfig, base: str, output_dir: str, log: Callable):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from ..llava import LlavaCollator, check_supported
-    from .run import _adapter_config, _losses, _sft_config, _trainer_callbacks, _write_tasks
+    from .shared import adapter_config, logged_losses, sft_config, trainer_callbacks, write_tasks
     from .trainer import MoESFTTrainer
 
     if config.method != "mole":
@@ -118,24 +118,24 @@ def train_llava(config: RunConfig, base: str, output_dir: str, log: Callable):
     trainer = MoESFTTrainer(
         model=model,
         # the collator reads `messages` and `images`: TRL must not drop them
-        args=_sft_config(config, output_dir=output_dir, model_init_kwargs=None, remove_unused_columns=False),
+        args=sft_config(config, output_dir=output_dir, model_init_kwargs=None, remove_unused_columns=False),
         train_dataset=Dataset.from_list(rows),
         data_collator=collator,
         processing_class=processor,
-        peft_config=_adapter_config(config, UserData(None, tasks, config.data.train)),
+        peft_config=adapter_config(config, UserData(None, tasks, config.data.train)),
         routing_stats_per_layer=config.stats.log_per_layer,
     )
-    _trainer_callbacks(trainer)
+    trainer_callbacks(trainer)
     trainer.train()
     model = trainer.model
     adapter = os.path.join(output_dir, "adapter")
     model.save_pretrained(adapter)
     processor.save_pretrained(adapter)
-    _write_tasks(adapter, tasks)
+    write_tasks(adapter, tasks)
     paths = {"adapter": adapter}
     if config.stats.enabled:
         paths.update(_llava_stats(config, model, collator, tasks, image_size, os.path.join(output_dir, "stats"), log))
-    return model, paths, {"adapter": _losses(trainer)}
+    return model, paths, {"adapter": logged_losses(trainer)}
 
 
 def _llava_stats(config: RunConfig, model, collator, tasks: list[str], image_size: int, out_dir: str, log: Callable):

@@ -22,53 +22,11 @@ from typing import Optional
 
 import torch
 
+from ..data.user import DataConfig, DataError, UserData, load_data
 from .base import load_model, load_tokenizer, resolve_base, tiny_arch
-from .config import LLAVA_ARCHS, ConfigError, RunConfig, method_config_class
-from .data import DataConfig, DataError, UserData, load_data
+from .config import LLAVA_ARCHS, ConfigError, RunConfig
 from .llava import is_llava, train_llava
-
-TASKS_FILE = "tasks.json"
-
-
-def _progress_without_layers():
-    """Trainer's progress bar, printing the logs without the per-layer routing keys (they still go to report_to)."""
-    from transformers.trainer_callback import ProgressCallback
-
-    class QuietProgress(ProgressCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            shown = {
-                k: v for k, v in (logs or {}).items() if not k.startswith("routing/") or k.startswith("routing/mean/")
-            }
-            return super().on_log(args, state, control, logs=shown, **kwargs)
-
-    return ProgressCallback, QuietProgress
-
-
-def _sft_config(config: RunConfig, **changes):
-    from trl import SFTConfig
-
-    fields = {"output_dir": f"out/{config.method}", "report_to": "none", **config.training, **changes}
-    try:
-        return SFTConfig(**fields)
-    except (ValueError, TypeError) as error:
-        raise ConfigError(f"{config.path or 'config'}: training: {error}") from error
-
-
-def _adapter_config(config: RunConfig, data: UserData):
-    fields = dict(config.adapter)
-    if config.method == "mhr" and data.tasks:
-        given = fields.get("n_tasks")
-        if given is None:
-            fields["n_tasks"] = len(data.tasks)  # one row of the routing matrix per task of the data
-        elif given < len(data.tasks):
-            raise ConfigError(
-                f"adapter.n_tasks={given} is invalid: the data has {len(data.tasks)} tasks {data.tasks}; "
-                f"use n_tasks >= {len(data.tasks)} or leave it unset."
-            )
-    try:
-        return method_config_class(config.method)(**fields)
-    except (ValueError, TypeError) as error:  # the config class names the field and the fix
-        raise ConfigError(f"{config.path or 'config'}: adapter: {error}") from error
+from .shared import TASKS_FILE, adapter_config, logged_losses, sft_config, trainer_callbacks, write_tasks
 
 
 def _trainer(config: RunConfig, base: str, train_dataset, tokenizer, peft_config, output_dir: str, stats: bool = True):
@@ -77,34 +35,21 @@ def _trainer(config: RunConfig, base: str, train_dataset, tokenizer, peft_config
     init_kwargs = config.training.get("model_init_kwargs") or {}
     trainer = MoESFTTrainer(
         model=load_model(base, init_kwargs),
-        args=_sft_config(config, output_dir=output_dir, model_init_kwargs=None),
+        args=sft_config(config, output_dir=output_dir, model_init_kwargs=None),
         train_dataset=train_dataset,
         processing_class=tokenizer,
         peft_config=peft_config,
         routing_stats=stats,
         routing_stats_per_layer=config.stats.log_per_layer,
     )
-    _trainer_callbacks(trainer)
+    trainer_callbacks(trainer)
     return trainer
-
-
-def _trainer_callbacks(trainer) -> None:
-    """The progress bar without the per-layer routing keys."""
-    plain, quiet = _progress_without_layers()
-    if any(isinstance(c, plain) for c in trainer.callback_handler.callbacks):
-        trainer.remove_callback(plain)
-        trainer.add_callback(quiet)
-
-
-def _write_tasks(path: str, tasks: list[str]) -> None:
-    with open(os.path.join(path, TASKS_FILE), "w") as f:
-        json.dump(tasks, f)
 
 
 def _save_adapter(model, tokenizer, tasks: list[str], path: str) -> None:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
-    _write_tasks(path, tasks)
+    write_tasks(path, tasks)
 
 
 def _stats_rows(config: RunConfig, data: UserData, log: Callable):
@@ -144,10 +89,6 @@ class TrainRun:
     seconds: float
 
 
-def _losses(trainer) -> list[float]:
-    return [log["loss"] for log in trainer.state.log_history if "loss" in log]
-
-
 def _grouping(by: Optional[str], rows, source: str, log: Callable) -> Optional[str]:
     """`by`, or None (one group) when the rows lack that field."""
     column = {"task": "task", "sample_type": "sample_types"}.get(by)
@@ -168,20 +109,20 @@ def train_from_config(config: RunConfig, log: Callable = print) -> TrainRun:
         if config.model == "tiny":
             log(f"base: the bundled tiny {arch} ({base})")
         if (arch in LLAVA_ARCHS) if config.model == "tiny" else is_llava(base):
-            output_dir = _sft_config(config).output_dir
+            output_dir = sft_config(config).output_dir
             model, paths, losses = train_llava(config, base, output_dir, log)
             return TrainRun(paths, losses, time.perf_counter() - start)
         tokenizer = load_tokenizer(base)
         data = load_data(config.data, log=log)
         log(f"data: {len(data.dataset)} rows from {data.source}" + (f", tasks {data.tasks}" if data.tasks else ""))
-        output_dir = _sft_config(config).output_dir
+        output_dir = sft_config(config).output_dir
         if config.method == "phatgoose":
             model, paths, losses = _train_phatgoose(config, base, tokenizer, data, output_dir, log)
         else:
-            peft_config = _adapter_config(config, data)
+            peft_config = adapter_config(config, data)
             trainer = _trainer(config, base, data.dataset, tokenizer, peft_config, output_dir)
             trainer.train()
-            model, losses = trainer.model, {"adapter": _losses(trainer)}
+            model, losses = trainer.model, {"adapter": logged_losses(trainer)}
             paths = {"adapter": os.path.join(output_dir, "adapter")}
             _save_adapter(model, tokenizer, data.tasks, paths["adapter"])
         if config.stats.enabled:
@@ -194,7 +135,7 @@ def train_from_config(config: RunConfig, log: Callable = print) -> TrainRun:
 def _train_phatgoose(config: RunConfig, base: str, tokenizer, data: UserData, output_dir: str, log: Callable):
     from peft import LoraConfig
 
-    from ..phatgoose import assemble, train_gates
+    from ..tuners.phatgoose import assemble, train_gates
 
     if not data.tasks:
         raise DataError(
@@ -209,7 +150,7 @@ def _train_phatgoose(config: RunConfig, base: str, tokenizer, data: UserData, ou
         log(f"phatgoose: expert {task!r} on {len(rows)} rows")
         trainer = _trainer(config, base, rows, tokenizer, lora, path, stats=False)
         trainer.train()
-        losses[task] = _losses(trainer)
+        losses[task] = logged_losses(trainer)
         trainer.model.save_pretrained(path)
         gates = config.gates
         log(f"phatgoose: gates of {task!r} ({gates.steps} steps)")
@@ -238,8 +179,6 @@ def stats_from_adapter(
 ) -> dict[str, str]:
     """`moe-peft stats`: load an adapter on its base, measure its routing on `data`, write stats.json and plots."""
     from peft import PeftConfig, PeftModel
-
-    import moe_peft  # noqa: F401  (registers the methods with PEFT)
 
     from ..stats import collect
 

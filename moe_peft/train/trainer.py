@@ -32,9 +32,9 @@ from torch import nn
 from transformers.utils import logging
 from trl import SFTTrainer
 
-from ..accumulation import accumulation_weight
-from ..roma.config import RoMAConfig
-from ..roma.trainer import RoMALossMixin
+from .._internal.accumulation import accumulation_weight
+from ..tuners.roma.config import RoMAConfig
+from ..tuners.roma.trainer import RoMALossMixin
 from .callback import RoutingStatsCallback
 
 SAMPLE_TYPES, TASK_IDS = "sample_types", "task_ids"
@@ -54,9 +54,9 @@ def _config_of(model: nn.Module, peft_config) -> Any:
 def routing_columns(config) -> tuple[str, ...]:
     """The per-sample routing inputs an adapter reads: `sample_types` (token-routed methods: LoRAMoE's localized
     balancing), `task_ids` (MHR, PHATGOOSE's oracle routing), none (RoMA, PEFT's own methods)."""
-    from ..config import MoELoraConfig
-    from ..mhr.config import MHRConfig
-    from ..phatgoose.config import PhatgooseConfig
+    from ..tuners.mhr.config import MHRConfig
+    from ..tuners.phatgoose.config import PhatgooseConfig
+    from ..tuners.routed.config import MoELoraConfig
 
     if isinstance(config, MoELoraConfig):
         return (SAMPLE_TYPES,)
@@ -66,8 +66,8 @@ def routing_columns(config) -> tuple[str, ...]:
 
 
 def _needs_task_ids(config) -> bool:
-    from ..mhr.config import MHRConfig
-    from ..phatgoose.config import PhatgooseConfig
+    from ..tuners.mhr.config import MHRConfig
+    from ..tuners.phatgoose.config import PhatgooseConfig
 
     return (isinstance(config, MHRConfig) and config.routed) or (
         isinstance(config, PhatgooseConfig) and config.routing == "oracle"
@@ -126,7 +126,7 @@ class MoESFTTrainer(RoMALossMixin, SFTTrainer):
         trainer.train()
 
     Extra keyword arguments:
-        roma_reference: a RoMA adapter's reference set (`moe_peft.roma.build_reference`); None builds it from the
+        roma_reference: a RoMA adapter's reference set (`moe_peft.tuners.roma.build_reference`); None builds it from the
             training rows (plain-text prompt/completion rows: success = exact match of the pretrained model's
             greedy answer), cached in `<output_dir>/roma`.
         routing_stats: add `RoutingStatsCallback` (default True); `routing_stats_per_layer=False` logs only the
@@ -197,13 +197,13 @@ class MoESFTTrainer(RoMALossMixin, SFTTrainer):
         return bool(args.padding_free or args.packing_strategy in ("bfd", "bfd_split"))
 
     def _token_routed_tuner(self):
-        from ..model import MoELoraModel
+        from ..tuners.routed.model import MoELoraModel
 
         tuner = getattr(self.model, "base_model", None)
         return tuner if isinstance(tuner, MoELoraModel) else None
 
     def _warn_unused_balancing(self, present: list[str]) -> None:
-        from ..config import LoRAMoEConfig
+        from ..tuners.routed.config import LoRAMoEConfig
 
         config = _config_of(self.model, None)
         if isinstance(config, LoRAMoEConfig) and config.blc_weight > 0 and SAMPLE_TYPES not in present:
@@ -217,7 +217,7 @@ class MoESFTTrainer(RoMALossMixin, SFTTrainer):
     def _build_roma_reference(self):
         import os
 
-        from ..roma import build_reference
+        from ..tuners.roma import build_reference
 
         raw, prepared = self._raw_train_dataset, self.train_dataset
         columns = set(getattr(raw, "column_names", None) or [])
@@ -225,7 +225,7 @@ class MoESFTTrainer(RoMALossMixin, SFTTrainer):
             raise ValueError(
                 "roma_reference=None builds RoMA's reference from plain-text `prompt`/`completion` rows, which this "
                 f"train_dataset does not have (columns: {sorted(columns)}); build it with "
-                "moe_peft.roma.build_reference(model, rows, tokenizer, collator) and pass roma_reference=."
+                "moe_peft.tuners.roma.build_reference(model, rows, tokenizer, collator) and pass roma_reference=."
             )
         if len(raw) != len(prepared):
             raise ValueError(

@@ -1,0 +1,142 @@
+"""The `moe-peft` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="moe-peft", description="Mixture-of-LoRA-experts fine-tuning on PEFT.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="train MoLE on a built-in tiny model and bundled data, save, reload, generate")
+    demo.add_argument("--out", default="out/demo", help="where the base model and adapter are saved")
+    demo.add_argument("--steps", type=int, default=2000)
+    demo.add_argument("--batch-size", type=int, default=32)
+    demo.add_argument("--lr", type=float, default=3e-3)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--threads", type=int, default=1, help="torch threads (default 1: the fastest for a tiny model, reproducible)"
+    )
+    bench = sub.add_parser("bench", help="benchmarks that print ratios against baselines run in the same process")
+    bench.add_argument(
+        "what",
+        choices=["ops", "experts", "multi", "quality"],
+        help="ops: the routed-LoRA op vs PEFT LoRA, loops and einsums; experts: LoRA on an MoE block's fused "
+        "experts vs PEFT's target_parameters (time and peak memory); multi: many adapters in one batch vs PEFT's "
+        "mixed batch and per-adapter sub-batches; quality: do the mixtures beat LoRA at the same trainable-parameter "
+        "budget on conflicting tasks (docs/quality.md)",
+    )
+    bench.add_argument("--grid", choices=["default", "full"], default="default", help="ops only")
+    bench.add_argument("--adapters", type=int, nargs="+", default=None, help="multi only: adapter counts (2 8 32)")
+    bench.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    bench.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    bench.add_argument("--reps", type=int, default=None)
+    bench.add_argument("--out", default="out/quality", help="quality only: results.jsonl, summary.csv/.md, quality.png")
+    bench.add_argument("--quick", action="store_true", help="quality only: one seed, one lr, fewer steps (minutes)")
+    bench.add_argument("--methods", default=None, help="quality only: comma-separated method names (default: all)")
+    bench.add_argument("--cache", default=None, help="quality only: where the pre-trained base is cached")
+    bench.add_argument("--fresh", action="store_true", help="quality only: rerun instead of reusing results.jsonl")
+    train = sub.add_parser(
+        "train", help="train an adapter from a YAML config with MoESFTTrainer (TRL), save it and its plots"
+    )
+    train.add_argument("config", help="a training YAML (configs/*.yaml)")
+    train.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a value: block.key=value (training.max_steps=20, model=/path, data.train=my.jsonl) or key=value",
+    )  # fmt: skip
+    train.add_argument("--threads", type=int, default=None, help="torch threads (default: the config's, 1)")
+    stats = sub.add_parser("stats", help="routing statistics and plots of a trained adapter on a data file")
+    stats.add_argument("adapter", help="the adapter directory (moe-peft train writes <output_dir>/adapter)")
+    stats.add_argument("--data", required=True, help="a .json/.jsonl/.csv file, a datasets name/path, or 'bundled'")
+    stats.add_argument("--out", required=True, help="where stats.json and the PNG plots go")
+    stats.add_argument("--by", default="task", choices=["task", "sample_type", "none"])
+    stats.add_argument("--samples", type=int, default=256, help="rows measured (the first N)")
+    stats.add_argument("--batch-size", type=int, default=32)
+    stats.add_argument("--base", default=None, help="the base model (default: the one the adapter records)")
+    stats.add_argument("--threads", type=int, default=1)
+    from ..export.cli import add_parser as add_merge_parser
+
+    add_merge_parser(sub)
+    args = parser.parse_args(argv)
+
+    if args.command == "merge":
+        from ..export.cli import run as run_merge
+
+        return run_merge(args)
+    if args.command == "demo":
+        from .demo import run_demo
+
+        run_demo(
+            out_dir=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+            threads=args.threads,
+        )  # fmt: skip
+    elif args.command == "bench":
+        import torch
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        if args.what == "quality":
+            from ..bench.quality import bench_quality
+
+            methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
+            bench_quality(
+                out_dir=args.out, quick=args.quick, methods=methods, cache_dir=args.cache, fresh=args.fresh,
+                threads=args.threads or 1,
+            )  # fmt: skip
+        elif args.what == "experts":
+            from ..bench import bench_experts
+
+            bench_experts(device=args.device, reps=args.reps)
+        elif args.what == "ops":
+            from ..bench import bench_ops
+
+            bench_ops(grid=args.grid, device=args.device, reps=args.reps)
+        else:
+            from ..bench import bench_multi
+
+            bench_multi(device=args.device, reps=args.reps, adapters=args.adapters)
+    elif args.command in ("train", "stats"):
+        from ..data.user import DataError
+        from ..train.config import ConfigError
+
+        _quiet_library_warnings()
+        try:
+            _train_or_stats(args)
+        except (ConfigError, DataError, FileNotFoundError) as error:  # the user's YAML or data: no traceback
+            print(f"moe-peft {args.command}: {error}", file=sys.stderr)
+            return 2
+    return 0
+
+
+def _quiet_library_warnings() -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notices between transformers and TRL
+    warnings.filterwarnings("ignore", message=".*pin_memory.*no accelerator.*")
+
+
+def _train_or_stats(args) -> None:
+    if args.command == "train":
+        from ..train.config import load_config
+        from ..train.run import train_from_config
+
+        config = load_config(args.config, args.overrides)
+        if args.threads is not None:
+            config.threads = args.threads
+        run = train_from_config(config)
+        print(f"\ntrained {config.method} in {run.seconds:.1f} s; wrote:")
+        paths = run.paths
+    else:
+        from ..train.run import stats_from_adapter
+
+        paths = stats_from_adapter(
+            args.adapter, args.data, args.out, by=None if args.by == "none" else args.by, samples=args.samples,
+            batch_size=args.batch_size, base=args.base, threads=args.threads,
+        )  # fmt: skip
+    for what, path in paths.items():
+        print(f"  {what:<18} {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
