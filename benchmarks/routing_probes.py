@@ -27,7 +27,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
 import moe_peft
-from moe_peft.bases.tiny import tiny_llama
+from moe_peft.bases import tiny_llama
 from moe_peft.routing import TopKRouter
 from moe_peft.routing.losses import localized_balance
 

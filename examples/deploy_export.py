@@ -32,7 +32,7 @@ import torch
 from peft import get_peft_model
 
 import moe_peft
-from moe_peft.bases.tiny import tiny_llama, train_on_tasks
+from moe_peft.bases import tiny_llama, train_on_tasks
 from moe_peft.data import CharTokenizer
 
 FRESH = textwrap.dedent(

@@ -36,7 +36,7 @@ from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 import moe_peft
-from moe_peft.bases.tiny import pretrain_tiny_moe
+from moe_peft.bases import pretrain_tiny_moe
 from moe_peft.data import CharTokenizer, Collator, make_samples, tokenize_rows
 
 BASE_TASKS = ("cpy", "dup", "rev")  # what the tiny base learns in full

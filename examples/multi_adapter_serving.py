@@ -31,10 +31,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, TrainingArguments
 
 from moe_peft import multi_lora
-from moe_peft.apps.demo import generate_answers
-from moe_peft.bases.tiny import tiny_llama
+from moe_peft.bases import tiny_llama
 from moe_peft.bench.timing import interleaved
-from moe_peft.data import CharTokenizer, Collator, make_dataset, make_samples
+from moe_peft.data import CharTokenizer, Collator, generate_answers, make_dataset, make_samples
 
 BASE_TASKS = ("cpy", "dup")
 ADAPTERS = ("rev", "srt", "sft")  # one fine-tune per task; the adapter is named after its task

@@ -8,8 +8,8 @@ Scenario (one): a tiny Llama is first trained in full on two "pretraining" tasks
 contributors each train an ordinary PEFT LoRA expert on their own task and their own data (rev on strings of a-f,
 srt on g-l, sft on m-r, alt on s-x: each contributor's data has its own input distribution, the premise of routing
 by the input), each without seeing the others, and each trains the sigmoid gates of their expert for 100 steps
-(moe_peft.tuners.phatgoose.train_gates). The experts are assembled into one PEFT model that routes every token of every
-adapted module to its top-2 experts (moe_peft.tuners.phatgoose.assemble).
+(moe_peft.phatgoose.train_gates). The experts are assembled into one PEFT model that routes every token of every
+adapted module to its top-2 experts (moe_peft.phatgoose.assemble).
 
 Evaluation, greedy decoding with the KV cache, exact match on held-out prompts (strings never seen in training):
   * the experts' tasks, without telling the model which task a prompt is (the router must infer it per token);
@@ -32,9 +32,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 import moe_peft
-from moe_peft.apps.demo import generate_answers
-from moe_peft.bases.tiny import tiny_llama
-from moe_peft.data import CharTokenizer, Collator, make_dataset, make_samples, tokenize_sample
+from moe_peft.bases import tiny_llama
+from moe_peft.data import CharTokenizer, Collator, generate_answers, make_dataset, make_samples, tokenize_sample
 
 BASE_TASKS = ("cpy", "dup")
 BASE_ALPHABET = "abcdefghijklmnopqrstuvwx"
@@ -137,7 +136,7 @@ def main(argv=None) -> dict:
             8 * args.gate_steps, [task], args.seed + 20 + i, tokenizer=tokenizer, alphabet=alphabet[task]
         )
         reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), path)
-        moe_peft.tuners.phatgoose.train_gates(
+        moe_peft.phatgoose.train_gates(
             reloaded, gate_data, steps=args.gate_steps, lr=args.gate_lr, collator=Collator(tokenizer), save_to=path
         )
         expert_dirs.append(path)
@@ -149,7 +148,7 @@ def main(argv=None) -> dict:
 
     # 3. the library: one PEFT model, and the baselines by switching its routing
     t = time.perf_counter()
-    library = moe_peft.tuners.phatgoose.assemble(AutoModelForCausalLM.from_pretrained(base_dir), expert_dirs, top_k=2)
+    library = moe_peft.phatgoose.assemble(AutoModelForCausalLM.from_pretrained(base_dir), expert_dirs, top_k=2)
     library.eval()
     library_dir = os.path.join(args.out, "library")
     library.save_pretrained(library_dir)
@@ -170,7 +169,7 @@ def main(argv=None) -> dict:
             if task in EXPERT_TASKS:
                 accuracy.append(token_accuracy(library, tokenizer, group, **extra))
                 if adapted:  # share of real tokens whose picks include the task's own expert, over all modules
-                    own.append(float(moe_peft.tuners.phatgoose.mean_expert_load(library)[EXPERT_TASKS.index(task)]) * slots)
+                    own.append(float(moe_peft.phatgoose.mean_expert_load(library)[EXPERT_TASKS.index(task)]) * slots)
         cells["EM mean"] = sum(cells[t] for t in EXPERT_TASKS) / len(EXPERT_TASKS)
         cells["token acc"] = sum(accuracy) / len(accuracy)
         if own:
@@ -179,19 +178,19 @@ def main(argv=None) -> dict:
 
     with library.disable_adapter():
         evaluate("base model (no expert)", adapted=False)
-    moe_peft.tuners.phatgoose.set_routing(library, "uniform")
+    moe_peft.phatgoose.set_routing(library, "uniform")
     evaluate("uniform merge of the experts")
     best = None
     for name in config.experts:  # the best single expert, chosen on a validation split
-        moe_peft.tuners.phatgoose.set_routing(library, "single", expert=name)
+        moe_peft.phatgoose.set_routing(library, "single", expert=name)
         score = exact_match(library, tokenizer, valid)
         best = (score, name) if best is None or score > best[0] else best
-    moe_peft.tuners.phatgoose.set_routing(library, "single", expert=best[1])
+    moe_peft.phatgoose.set_routing(library, "single", expert=best[1])
     evaluate(f"best single expert ({best[1]})")
     for k in (1, 2):
-        moe_peft.tuners.phatgoose.set_routing(library, "top_k", top_k=k)
+        moe_peft.phatgoose.set_routing(library, "top_k", top_k=k)
         evaluate(f"PHATGOOSE top-{k}")
-    moe_peft.tuners.phatgoose.set_routing(library, "oracle")
+    moe_peft.phatgoose.set_routing(library, "oracle")
     evaluate("oracle expert per task")
     timings["assemble + evaluate"] = time.perf_counter() - t
 

@@ -35,7 +35,7 @@ from peft import get_peft_model
 from transformers import AutoModelForCausalLM, TrainingArguments
 
 import moe_peft  # noqa: F401  (registers the methods with PEFT)
-from moe_peft.bases.tiny import pretrain_tiny_moe
+from moe_peft.bases import pretrain_tiny_moe
 from moe_peft.data import CharTokenizer, Collator, make_samples, tokenize_rows
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -48,7 +48,7 @@ settings.register_profile("thorough", max_examples=500, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 import moe_peft  # noqa: E402
-from moe_peft.bases.tiny import tiny_llama  # noqa: E402
+from moe_peft.bases import tiny_llama  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -69,7 +69,7 @@ def build(method: str):
     """The same initial model on every rank and in the reference (seeded)."""
     from peft import get_peft_model
 
-    from moe_peft.bases.tiny import tiny_llama, tiny_moe
+    from moe_peft.bases import tiny_llama, tiny_moe
 
     if method in MOE_BASE:
         base = tiny_moe("mixtral", vocab_size=VOCAB, hidden_size=32, num_layers=2, num_experts=4, seed=0)

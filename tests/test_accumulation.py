@@ -14,7 +14,7 @@ from peft import get_peft_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import moe_peft
-from moe_peft.bases.tiny import tiny_llama
+from moe_peft.bases import tiny_llama
 
 from .conftest import MLP
 

@@ -17,7 +17,7 @@ from peft.utils import get_peft_model_state_dict
 
 import moe_peft
 from moe_peft import _atomic_save
-from moe_peft.bases.tiny import tiny_llama
+from moe_peft.bases import tiny_llama
 
 from .conftest import MLP, VOCAB, randomize_experts
 
@@ -185,7 +185,7 @@ KILLED = textwrap.dedent(
     import json, os, signal, sys, time, torch, moe_peft
     from peft import get_peft_model
     from safetensors.torch import load_file
-    from moe_peft.bases.tiny import tiny_llama
+    from moe_peft.bases import tiny_llama
     torch.set_num_threads(1)
     dest = sys.argv[1]
     # a larger adapter so that a save takes a while; every weight of save i equals i

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import moe_peft
-from moe_peft.bases.tiny import tiny_llama
+from moe_peft.bases import tiny_llama
 from moe_peft.bench import quality as q
 from moe_peft.bench import quality_methods as qm
 from moe_peft.data import TASKS, CharTokenizer

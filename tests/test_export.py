@@ -15,7 +15,7 @@ from peft import get_peft_model
 from transformers import AutoModelForCausalLM
 
 import moe_peft
-from moe_peft.bases.tiny import tiny_llama, tiny_moe
+from moe_peft.bases import tiny_llama, tiny_moe
 from moe_peft.data import CharTokenizer
 
 from .conftest import MLP, VOCAB, make_config
@@ -128,13 +128,13 @@ def test_mhr_task_equals_merge_task(tmp_path):
     model.eval()
     reference = copy.deepcopy(model)
     result = export(model, tmp_path / "mhr", task_id=2)
-    same_state(result.model, moe_peft.tuners.mhr.merge_task(reference, 2))
+    same_state(result.model, moe_peft.mhr.merge_task(reference, 2))
     assert "MHR 'default' task 2" in result.record["parts"]["exact"]
     assert result.record["measured_error"]["max_abs_logit_diff"] < 1e-4  # measured against task_ids=2
     lora = export(
         model, tmp_path / "mhr-lora", task_id=2, merge=False, measure_error=False
     ).model  # as export_task_lora
-    for name, (a, b) in moe_peft.tuners.mhr.task_lora_weights(model, 2).items():
+    for name, (a, b) in moe_peft.mhr.task_lora_weights(model, 2).items():
         torch.testing.assert_close(lora_delta(lora, name), (b @ a) * model.peft_config["default"].scaling)
     other = export(model, tmp_path / "mhr1", task_id=1, measure_error=False).model
     assert not torch.equal(other.model.layers[0].mlp.up_proj.weight, result.model.model.layers[0].mlp.up_proj.weight)
@@ -143,10 +143,10 @@ def test_mhr_task_equals_merge_task(tmp_path):
 
 
 def test_phatgoose_baselines_equal_set_routing_and_merge_and_unload(library, tmp_path):  # noqa: F811
-    lib = moe_peft.tuners.phatgoose.assemble(small_base(), library, top_k=2).eval()
+    lib = moe_peft.phatgoose.assemble(small_base(), library, top_k=2).eval()
     for routing, expert in (("uniform", None), ("single", "e1")):
         reference = copy.deepcopy(lib)
-        moe_peft.tuners.phatgoose.set_routing(reference, routing, expert=expert)
+        moe_peft.phatgoose.set_routing(reference, routing, expert=expert)
         kw = dict(phatgoose_routing=routing, expert=expert, measure_error=False)
         out = export(lib, tmp_path / f"pg-{routing}", **kw)
         lora = export(lib, tmp_path / f"pg-{routing}-lora", merge=False, **kw)

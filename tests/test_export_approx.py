@@ -13,7 +13,7 @@ from peft import get_peft_model
 from torch import nn
 
 import moe_peft
-from moe_peft.bases.tiny import tiny_llama
+from moe_peft.bases import tiny_llama
 from moe_peft.data import CharTokenizer
 from moe_peft.export import approximate as approx
 from moe_peft.export.calibration import batches, load_calibration
@@ -203,8 +203,8 @@ def test_mhr_average_is_mhr_mu(tmp_path):
     randomize_mhr(model)
     model.eval()
     reference = copy.deepcopy(model)
-    moe_peft.tuners.mhr.set_mode(reference, "mhr_mu")
-    want = moe_peft.tuners.mhr.task_lora_weights(reference, None)
+    moe_peft.mhr.set_mode(reference, "mhr_mu")
+    want = moe_peft.mhr.task_lora_weights(reference, None)
     result = export(model, tmp_path / "mu", "average", task_id=0)  # task_id: the routed task the error is measured on
     assert result.record["parts"]["approximated"] == ["MHR 'default' (MHR-mu)"]
     for name, (a, b) in want.items():
@@ -277,7 +277,7 @@ def test_approximations_load_with_plain_peft_and_transformers_and_record_their_e
 
 
 def test_phatgoose_top_k_library_routing_weighted_uses_its_gates_and_expert_scalings(library, tmp_path):  # noqa: F811
-    lib = moe_peft.tuners.phatgoose.assemble(small_base(), library, top_k=2).eval()
+    lib = moe_peft.phatgoose.assemble(small_base(), library, top_k=2).eval()
     result = export(lib, tmp_path / "pg", "routing_weighted")
     name = "model.layers.1.mlp.gate_proj"
     layer = lib.base_model.model.get_submodule(name)
@@ -308,7 +308,7 @@ def test_mixed_adapter_keeps_its_exact_parts_exact(tmp_path):
     from moe_peft.experts import MoELoraExperts
     from peft.tuners.lora.layer import ParamWrapper
 
-    from moe_peft.bases.tiny import tiny_moe
+    from moe_peft.bases import tiny_moe
 
     config = moe_peft.MoLEConfig(
         r=4,

@@ -11,7 +11,7 @@ import torch
 from peft import get_peft_model
 
 import moe_peft
-from moe_peft.bases.tiny import tiny_dense, tiny_moe
+from moe_peft.bases import tiny_dense, tiny_moe
 from moe_peft.data import CharTokenizer
 
 from .conftest import MLP

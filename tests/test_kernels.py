@@ -286,7 +286,7 @@ def test_every_method_through_triton_equals_torch_path(case, batch):
 
     from peft import get_peft_model
 
-    from moe_peft.bases.tiny import tiny_llama
+    from moe_peft.bases import tiny_llama
 
     results = {}
     for backend in ("torch", "triton"):
@@ -328,7 +328,7 @@ def test_layer_paths_with_dropout_and_several_adapters_agree(batch):
     training, several active adapters); the routes give the same function."""
     from peft import get_peft_model
 
-    from moe_peft.bases.tiny import tiny_llama
+    from moe_peft.bases import tiny_llama
 
     def build(dropout):
         base = tiny_llama(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_layers=2, seed=0)

@@ -12,7 +12,7 @@ import yaml
 from peft import LoraConfig, get_peft_model
 
 import moe_peft
-from moe_peft.bases.tiny import tiny_llama, tiny_llava, tiny_llava_next
+from moe_peft.bases import tiny_llama, tiny_llava, tiny_llava_next
 from moe_peft.llava import (
     ATTENTION_REGEX,
     IMAGE_TASKS,

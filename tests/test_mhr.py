@@ -14,7 +14,7 @@ from peft import PeftModel, PolyConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 import moe_peft
-from moe_peft.bases.tiny import tiny_llama
+from moe_peft.bases import tiny_llama
 
 from .conftest import MLP, VOCAB, checkpointed_grads
 from .test_contract import n_hooks
@@ -87,7 +87,7 @@ def test_training_changes_only_the_adapter(case, base, batch):
     model.train()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    optimizer = torch.optim.SGD(moe_peft.tuners.mhr.param_groups(model, lr=0.5, router_lr=5.0), lr=0.5)
+    optimizer = torch.optim.SGD(moe_peft.mhr.param_groups(model, lr=0.5, router_lr=5.0), lr=0.5)
     for _ in range(3):
         model(**batch, task_ids=TASKS).loss.backward()
         for n, p in model.named_parameters():
@@ -165,7 +165,7 @@ def test_save_and_reload_in_a_fresh_process(tmp_path, batch):
         task_ids = TASKS
         if case == "switched_z":
             for adapter in ("default", "second"):
-                moe_peft.tuners.mhr.set_mode(model, "mhr_z", add_tasks=1, adapter_name=adapter)
+                moe_peft.mhr.set_mode(model, "mhr_z", add_tasks=1, adapter_name=adapter)
             randomize(model, seed=4)
             task_ids = torch.tensor([3, 0, 3])  # the added task
         model.eval()
@@ -336,13 +336,13 @@ def test_exact_task_merge_and_export_as_plain_peft_lora(case, base, batch, tmp_p
     with torch.no_grad():
         routed = model(**x, task_ids=task_ids).logits
         key = None if case == "mhr_mu" else task
-        moe_peft.tuners.mhr.export_task_lora(model, key, tmp_path / "lora")
-        moe_peft.tuners.mhr.merge_task(model, key, unload=False)
-        moe_peft.tuners.mhr.merge_task(model, key, unload=False)  # idempotent: warns, does not merge twice
+        moe_peft.mhr.export_task_lora(model, key, tmp_path / "lora")
+        moe_peft.mhr.merge_task(model, key, unload=False)
+        moe_peft.mhr.merge_task(model, key, unload=False)  # idempotent: warns, does not merge twice
         torch.testing.assert_close(model(**x).logits, routed, rtol=1e-5, atol=1e-5)  # merged: no task_ids needed
         model.unmerge_adapter()
         torch.testing.assert_close(model(**x, task_ids=task_ids).logits, routed, rtol=1e-5, atol=1e-5)
-        merged = moe_peft.tuners.mhr.merge_task(model, key, safe_merge=True)
+        merged = moe_peft.mhr.merge_task(model, key, safe_merge=True)
         torch.testing.assert_close(merged(**x).logits, routed, rtol=1e-5, atol=1e-5)
         lora = PeftModel.from_pretrained(tiny_llama(VOCAB, 32, 2, 48), tmp_path / "lora").eval()
         assert type(lora.peft_config["default"]).__name__ == "LoraConfig"
@@ -352,11 +352,11 @@ def test_exact_task_merge_and_export_as_plain_peft_lora(case, base, batch, tmp_p
 def test_merge_without_a_task_is_refused_with_the_fix(base):
     model = get_peft_model(base, mhr_config("mhr"))
     randomize(model)
-    with pytest.raises(ValueError, match=r"routes per task \(n_tasks=3\).*moe_peft.tuners.mhr.merge_task"):
+    with pytest.raises(ValueError, match=r"routes per task \(n_tasks=3\).*moe_peft.mhr.merge_task"):
         model.merge_and_unload()
     assert any(isinstance(m, MHRLinear) for m in model.modules())  # nothing was changed by the refused merge
     with pytest.raises(ValueError, match=r"task_id=5 is out of range"):
-        moe_peft.tuners.mhr.merge_task(model, 5)
+        moe_peft.mhr.merge_task(model, 5)
     single = get_peft_model(tiny_llama(VOCAB, 32, 2, 48), mhr_config("mhr", n_tasks=1))
     single.merge_and_unload()  # one task: the adapter is one LoRA
 
@@ -367,7 +367,7 @@ def test_safe_merge_catches_nan(base):
     with torch.no_grad():
         layer.mhr_B["default"].fill_(float("nan"))
     with pytest.raises(ValueError, match="NaNs detected"):
-        moe_peft.tuners.mhr.merge_task(model, 0, safe_merge=True)
+        moe_peft.mhr.merge_task(model, 0, safe_merge=True)
 
 
 def test_mode_switches(base, batch):
@@ -377,7 +377,7 @@ def test_mode_switches(base, batch):
     with torch.no_grad():
         before = model(**inputs(batch), task_ids=TASKS).logits
     # MHR-z with a new task: only routing trains; the old tasks are untouched
-    moe_peft.tuners.mhr.set_mode(model, "mhr_z", add_tasks=2)
+    moe_peft.mhr.set_mode(model, "mhr_z", add_tasks=2)
     config = model.peft_config["default"]
     assert config.mode == "mhr_z" and config.n_tasks == N_TASKS + 2
     assert model.get_nb_trainable_parameters()[0] == expected_trainable(model, config)
@@ -386,23 +386,23 @@ def test_mode_switches(base, batch):
         torch.testing.assert_close(model(**inputs(batch), task_ids=TASKS).logits, before)
         model(**inputs(batch), task_ids=torch.tensor([3, 4, 0]))  # the new ids are valid
     # back to MHR: the skills train again
-    moe_peft.tuners.mhr.set_mode(model, "mhr")
+    moe_peft.mhr.set_mode(model, "mhr")
     assert any(".mhr_A." in n for n, p in model.named_parameters() if p.requires_grad)
     # MHR-mu: the skills averaged into one LoRA = uniform routing of the skills, no task_ids needed
     with torch.no_grad():
         for _, layer in model.base_model.layers():
             layer.mhr_router["default"].task_logits.zero_()  # uniform routing: what MHR-mu collapses to
         uniform = model(**inputs(batch), task_ids=TASKS).logits
-    moe_peft.tuners.mhr.set_mode(model, "mhr_mu")
+    moe_peft.mhr.set_mode(model, "mhr_mu")
     config = model.peft_config["default"]
     assert config.mode == "mhr_mu" and config.n_skills == 1
     assert model.get_nb_trainable_parameters()[0] == expected_trainable(model, config)
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs(batch)).logits, uniform, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="cannot be recovered"):
-        moe_peft.tuners.mhr.set_mode(model, "mhr")
+        moe_peft.mhr.set_mode(model, "mhr")
     with pytest.raises(ValueError, match=r"mode='bogus' is invalid"):
-        moe_peft.tuners.mhr.set_mode(model, "bogus")
+        moe_peft.mhr.set_mode(model, "bogus")
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ from peft import PeftModel, get_peft_model
 
 import moe_peft
 from moe_peft import losses
-from moe_peft.bases.tiny import tiny_llama, tiny_llava, tiny_llava_next
+from moe_peft.bases import tiny_llama, tiny_llava, tiny_llava_next
 from moe_peft.routing import TopKRouter
 
 from .conftest import MLP, randomize_experts
@@ -359,7 +359,7 @@ FRESH = textwrap.dedent(
     import sys, torch
     import moe_peft
     from peft import PeftModel
-    from moe_peft.bases.tiny import tiny_llava
+    from moe_peft.bases import tiny_llava
     root = sys.argv[1]
     ref = torch.load(f"{root}/ref.pt")
     model = PeftModel.from_pretrained(tiny_llava(), f"{root}/adapter").eval()

@@ -7,7 +7,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 import moe_peft
-from moe_peft.bases.tiny import tiny_llama
+from moe_peft.bases import tiny_llama
 
 from .conftest import MLP, make_config, randomize_experts
 

@@ -16,7 +16,7 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora.layer import Linear as LoraLinear
 
 from moe_peft import multi_lora
-from moe_peft.bases.tiny import tiny_llama
+from moe_peft.bases import tiny_llama
 
 from .conftest import VOCAB
 

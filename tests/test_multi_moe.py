@@ -13,7 +13,7 @@ from peft import get_peft_model
 
 import moe_peft
 from moe_peft import multi_lora
-from moe_peft.bases.tiny import tiny_llama
+from moe_peft.bases import tiny_llama
 
 from .conftest import MLP, VOCAB, make_config, randomize_experts
 from .test_multi_lora import assert_dropout_only_on

@@ -15,7 +15,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 import moe_peft
-from moe_peft.bases.tiny import tiny_llama
+from moe_peft.bases import tiny_llama
 
 from .conftest import MLP, VOCAB, train_mode
 from .test_contract import n_hooks
@@ -47,7 +47,7 @@ def save_expert(path, seed: int, gates: bool = True, base=None, targets=TARGETS,
     if gates:
         g = torch.Generator().manual_seed(seed + 100)
         layers = moe_peft.tuners.phatgoose.gates.lora_layers(model, "default")
-        moe_peft.tuners.phatgoose.save_gates({n: torch.randn(m.in_features, generator=g) for n, m in layers.items()}, path)
+        moe_peft.phatgoose.save_gates({n: torch.randn(m.in_features, generator=g) for n, m in layers.items()}, path)
     return str(path)
 
 
@@ -65,8 +65,8 @@ def test_one_expert_equals_its_peft_lora(library, batch):
     """routing='single' over a library, and a one-expert top-1 library, equal PEFT's own LoRA of that expert
     (e1 has rank 2 in a rank-4 bank and rsLoRA scaling)."""
     lora = PeftModel.from_pretrained(small_base(), library[1]).eval()
-    single = moe_peft.tuners.phatgoose.assemble(small_base(), library, routing="single", expert="e1").eval()
-    alone = moe_peft.tuners.phatgoose.assemble(small_base(), library[1:2], top_k=1).eval()
+    single = moe_peft.phatgoose.assemble(small_base(), library, routing="single", expert="e1").eval()
+    alone = moe_peft.phatgoose.assemble(small_base(), library[1:2], top_k=1).eval()
     with torch.no_grad():
         want = lora(**inputs(batch)).logits
         torch.testing.assert_close(single(**inputs(batch)).logits, want, rtol=1e-5, atol=1e-5)
@@ -100,7 +100,7 @@ def naive_layer(layer: PhatgooseLinear, x: torch.Tensor, top_k: int) -> torch.Te
 
 @pytest.mark.parametrize("top_k", [1, 2, 3])
 def test_routing_equals_a_naive_per_token_loop_outputs_and_gradients(library, top_k):
-    model = moe_peft.tuners.phatgoose.assemble(small_base(), library, top_k=top_k)
+    model = moe_peft.phatgoose.assemble(small_base(), library, top_k=top_k)
     layer = model.base_model.model.model.layers[0].mlp.up_proj
     params = [layer.phatgoose_A["default"], layer.phatgoose_B["default"], layer.phatgoose_gate["default"]]
     x = torch.randn(7, 32, generator=torch.Generator().manual_seed(0), requires_grad=True)
@@ -123,7 +123,7 @@ def test_routing_equals_a_naive_per_token_loop_outputs_and_gradients(library, to
 
 
 def test_wiring_counts_and_saved_keys(library):
-    model = moe_peft.tuners.phatgoose.assemble(small_base(), library)
+    model = moe_peft.phatgoose.assemble(small_base(), library)
     config = model.peft_config["default"]
     assert config.experts == ["e0", "e1", "e2"] and config.r == 4 and config.top_k == 2
     names = sorted(n for n, _ in model.base_model.layers())
@@ -140,21 +140,21 @@ def test_wiring_counts_and_saved_keys(library):
 
 
 def test_baselines_uniform_oracle_and_merges(library, batch):
-    model = moe_peft.tuners.phatgoose.assemble(small_base(), library).eval()
+    model = moe_peft.phatgoose.assemble(small_base(), library).eval()
     with torch.no_grad():
         with pytest.raises(ValueError, match="picks experts per token.*cannot be merged"):
             model.merge_and_unload()
         assert any(isinstance(m, PhatgooseLinear) for m in model.modules())  # the refused merge changed nothing
         # oracle: sample b uses expert task_ids[b] alone
-        moe_peft.tuners.phatgoose.set_routing(model, "oracle")
+        moe_peft.phatgoose.set_routing(model, "oracle")
         oracle = model(**inputs(batch), task_ids=torch.tensor([2, 0, 1])).logits
         with pytest.raises(ValueError, match="task_ids is missing"):
             model(**inputs(batch))
         for row, expert in enumerate(["e2", "e0", "e1"]):
-            moe_peft.tuners.phatgoose.set_routing(model, "single", expert=expert)
+            moe_peft.phatgoose.set_routing(model, "single", expert=expert)
             torch.testing.assert_close(oracle[row], model(**inputs(batch)).logits[row])
         # uniform: every layer adds the average of the experts' deltas, so it merges exactly
-        moe_peft.tuners.phatgoose.set_routing(model, "uniform")
+        moe_peft.phatgoose.set_routing(model, "uniform")
         layer = model.base_model.model.model.layers[1].mlp.down_proj
         x = torch.randn(4, layer.in_features)
         deltas = [
@@ -195,8 +195,8 @@ def test_library_saves_and_reloads_as_one_adapter_in_a_fresh_process(library, tm
     small_base().save_pretrained(tmp_path / "base")
     cases = {}
     for name, routing in [("top2", "top_k"), ("oracle", "oracle")]:
-        model = moe_peft.tuners.phatgoose.assemble(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), library)
-        moe_peft.tuners.phatgoose.set_routing(model, routing)
+        model = moe_peft.phatgoose.assemble(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), library)
+        moe_peft.phatgoose.set_routing(model, routing)
         task_ids = torch.tensor([1, 2, 0]) if routing == "oracle" else None
         with torch.no_grad():
             logits = model.eval()(**inputs(batch), task_ids=task_ids).logits
@@ -212,41 +212,41 @@ def test_library_saves_and_reloads_as_one_adapter_in_a_fresh_process(library, tm
 
 
 def test_experts_are_added_without_retraining_the_others(library, batch):
-    grown = moe_peft.tuners.phatgoose.assemble(small_base(), library[:2])
+    grown = moe_peft.phatgoose.assemble(small_base(), library[:2])
     before = {n: p.detach().clone() for n, p in grown.named_parameters() if "phatgoose" in n}
-    assert moe_peft.tuners.phatgoose.add_experts(grown, library[2:]) == ["e2"]
+    assert moe_peft.phatgoose.add_experts(grown, library[2:]) == ["e2"]
     for n, p in grown.named_parameters():
         if n in before:
             assert torch.equal(p.detach()[: before[n].shape[0]], before[n]), n  # the first experts are untouched
-    full = moe_peft.tuners.phatgoose.assemble(small_base(), library)
+    full = moe_peft.phatgoose.assemble(small_base(), library)
     assert grown.peft_config["default"].experts == full.peft_config["default"].experts
     grown.eval(), full.eval()
     with torch.no_grad():
         torch.testing.assert_close(grown(**inputs(batch)).logits, full(**inputs(batch)).logits, rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"names=\['e2'\] are already experts"):
-        moe_peft.tuners.phatgoose.add_experts(grown, library[2:], names=["e2"])
-    assert moe_peft.tuners.phatgoose.add_experts(grown, library[2:]) == ["e2_2"]  # unnamed: a fresh name
+        moe_peft.phatgoose.add_experts(grown, library[2:], names=["e2"])
+    assert moe_peft.phatgoose.add_experts(grown, library[2:]) == ["e2_2"]  # unnamed: a fresh name
 
 
 def test_mismatched_or_unsupported_experts_raise_naming_the_adapter(library, tmp_path):
     other_base = tiny_llama(vocab_size=VOCAB, hidden_size=16, intermediate_size=48, num_layers=2)
     wrong_shape = save_expert(tmp_path / "wide", seed=7, base=other_base, r=2)
     with pytest.raises(ValueError, match=r"Expert 'wide' .* does not fit the base model at model.layers.0"):
-        moe_peft.tuners.phatgoose.assemble(small_base(), [library[0], wrong_shape])
+        moe_peft.phatgoose.assemble(small_base(), [library[0], wrong_shape])
     fewer = save_expert(tmp_path / "mlp_only", seed=8, targets=MLP, r=2)
     with pytest.raises(ValueError, match=r"Expert 'mlp_only' .* adapts other modules .*q_proj"):
-        moe_peft.tuners.phatgoose.assemble(small_base(), [library[0], fewer])
+        moe_peft.phatgoose.assemble(small_base(), [library[0], fewer])
     no_gates = save_expert(tmp_path / "ungated", seed=9, gates=False, r=2)
     with pytest.raises(ValueError, match=r"Experts 'ungated' .* have no gates .*train_gates"):
-        moe_peft.tuners.phatgoose.assemble(small_base(), [library[0], no_gates])
-    moe_peft.tuners.phatgoose.assemble(small_base(), [library[0], no_gates], routing="uniform")  # baselines need none
+        moe_peft.phatgoose.assemble(small_base(), [library[0], no_gates])
+    moe_peft.phatgoose.assemble(small_base(), [library[0], no_gates], routing="uniform")  # baselines need none
     dora = save_expert(tmp_path / "dora", seed=10, gates=False, r=2, use_dora=True)
     with pytest.raises(ValueError, match=r"Expert 'dora' .* uses LoRA options \['use_dora'\]"):
-        moe_peft.tuners.phatgoose.assemble(small_base(), [dora])
+        moe_peft.phatgoose.assemble(small_base(), [dora])
     mhr = get_peft_model(small_base(), moe_peft.MHRConfig(r=2, target_modules=MLP))
     mhr.save_pretrained(tmp_path / "mhr")
     with pytest.raises(ValueError, match=r"Expert 'mhr' .* is a MHR adapter"):
-        moe_peft.tuners.phatgoose.assemble(small_base(), [tmp_path / "mhr"])
+        moe_peft.phatgoose.assemble(small_base(), [tmp_path / "mhr"])
 
 
 @pytest.mark.parametrize(
@@ -290,20 +290,20 @@ def test_train_gates_trains_only_the_gates_and_saves_them_with_the_adapter(tmp_p
     state = {k: v.clone() for k, v in model.state_dict().items()}
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     hooks = n_hooks(model)
-    gates = moe_peft.tuners.phatgoose.train_gates(model, batches, steps=6, lr=1e-2, save_to=tmp_path)
-    assert set(gates) == {n for n, _ in moe_peft.tuners.phatgoose.gates.lora_layers(model, "default").items()}
+    gates = moe_peft.phatgoose.train_gates(model, batches, steps=6, lr=1e-2, save_to=tmp_path)
+    assert set(gates) == {n for n, _ in moe_peft.phatgoose.gates.lora_layers(model, "default").items()}
     assert all(v.shape == (model.get_base_model().get_submodule(n).in_features,) for n, v in gates.items())
     assert all(v.abs().sum() > 0 for v in gates.values())  # zero-initialized, then trained
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), f"{k} changed: the base and the expert must stay frozen"
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags and n_hooks(model) == hooks
-    reloaded = moe_peft.tuners.phatgoose.load_gates(tmp_path)
+    reloaded = moe_peft.phatgoose.load_gates(tmp_path)
     assert reloaded.keys() == gates.keys() and all(torch.equal(reloaded[n], gates[n]) for n in gates)
-    assert moe_peft.tuners.phatgoose.read_expert(tmp_path).gates.keys() == gates.keys()
+    assert moe_peft.phatgoose.read_expert(tmp_path).gates.keys() == gates.keys()
     # a datasets.Dataset plus collator is accepted too; without the collator it is a clear error
-    moe_peft.tuners.phatgoose.train_gates(model, data, steps=2, collator=collate, batch_size=4)
+    moe_peft.phatgoose.train_gates(model, data, steps=2, collator=collate, batch_size=4)
     with pytest.raises(ValueError, match="collator=None is invalid"):
-        moe_peft.tuners.phatgoose.train_gates(model, data, steps=1)
+        moe_peft.phatgoose.train_gates(model, data, steps=1)
 
 
 def test_the_gate_scales_each_tokens_expert_delta_by_a_sigmoid():
@@ -315,7 +315,7 @@ def test_the_gate_scales_each_tokens_expert_delta_by_a_sigmoid():
     with torch.no_grad():
         base_out = layer.base_layer(x)
         delta = layer(x) - base_out  # s B A x
-        with moe_peft.tuners.phatgoose.gate_training(model) as gates:
+        with moe_peft.phatgoose.gate_training(model) as gates:
             torch.testing.assert_close(layer(x), base_out + 0.5 * delta)  # v = 0: half strength
             v = gates["model.layers.0.mlp.up_proj"]
             v.normal_()
@@ -330,7 +330,7 @@ def test_gates_are_model_parameters_only_inside_the_block(tmp_path):
     model = _char_expert(tokenizer)
     before = {n for n, _ in model.named_parameters()}
     model.save_pretrained(tmp_path / "outside")
-    with moe_peft.tuners.phatgoose.gate_training(model) as gates:
+    with moe_peft.phatgoose.gate_training(model) as gates:
         named = dict(model.named_parameters())
         trainable = {n for n, p in named.items() if p.requires_grad}
         assert trainable == set(named) - before and len(trainable) == len(gates)
@@ -339,17 +339,17 @@ def test_gates_are_model_parameters_only_inside_the_block(tmp_path):
         v = next(iter(gates.values()))
         with torch.no_grad():
             v.normal_()
-        got = moe_peft.tuners.phatgoose.gates_from_state_dict(model.state_dict())
+        got = moe_peft.phatgoose.gates_from_state_dict(model.state_dict())
         assert got.keys() == gates.keys() and torch.equal(got[next(iter(gates))], v)
         model.save_pretrained(tmp_path / "inside")  # the gates are no LoRA weights: same adapter files
         with pytest.raises(ValueError, match="nested"):
-            with moe_peft.tuners.phatgoose.gate_training(model):
+            with moe_peft.phatgoose.gate_training(model):
                 pass
     assert {n for n, _ in model.named_parameters()} == before
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         assert (tmp_path / "outside" / name).read_bytes() == (tmp_path / "inside" / name).read_bytes()
     with pytest.raises(ValueError, match="no PHATGOOSE gate"):
-        moe_peft.tuners.phatgoose.gates_from_state_dict(model.state_dict())
+        moe_peft.phatgoose.gates_from_state_dict(model.state_dict())
 
 
 def test_saved_gates_are_the_same_bytes_every_time(tmp_path):
@@ -357,11 +357,11 @@ def test_saved_gates_are_the_same_bytes_every_time(tmp_path):
     ranks saving the same gates wrote different files."""
     gates = {"model.layers.0.mlp.up_proj": torch.randn(8), "model.layers.0.mlp.down_proj": torch.randn(16)}
     info = {"steps": 3, "lr": 1e-3, "first_loss": 2.5, "last_loss": 2.0}
-    files = [(tmp_path / str(i) / moe_peft.tuners.phatgoose.GATES_FILE) for i in range(6)]
+    files = [(tmp_path / str(i) / moe_peft.phatgoose.GATES_FILE) for i in range(6)]
     for file in files:
-        moe_peft.tuners.phatgoose.save_gates(gates, file.parent, info)
+        moe_peft.phatgoose.save_gates(gates, file.parent, info)
     assert len({file.read_bytes() for file in files}) == 1
-    loaded = moe_peft.tuners.phatgoose.load_gates(files[0].parent)
+    loaded = moe_peft.phatgoose.load_gates(files[0].parent)
     assert all(torch.equal(loaded[k], v) for k, v in gates.items())
     from safetensors import safe_open
 
@@ -377,7 +377,7 @@ def test_gate_training_under_gradient_checkpointing(reentrant):
 
     def grads(m, checkpointing):
         train_mode(m, checkpointing, reentrant)
-        with moe_peft.tuners.phatgoose.gate_training(m) as gates:
+        with moe_peft.phatgoose.gate_training(m) as gates:
             m(**batches[0]).loss.backward()
             others = [p for p in m.parameters() if not any(p is v for v in gates.values())]
             assert all(p.grad is None for p in others)  # nothing but the gates receives gradient
@@ -392,7 +392,7 @@ def test_gate_training_under_gradient_checkpointing(reentrant):
 def test_fine_tuning_the_library_changes_only_the_adapter(library, batch):
     base = small_base()
     base_state = {k: v.clone() for k, v in base.state_dict().items()}
-    model = moe_peft.tuners.phatgoose.assemble(base, library)
+    model = moe_peft.phatgoose.assemble(base, library)
     model.train()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     model(**batch).loss.backward()
@@ -410,7 +410,7 @@ def test_adapter_management(library, batch):
     with torch.no_grad():
         ref = base(**inputs(batch)).logits
     hooks_before = n_hooks(base)
-    model = moe_peft.tuners.phatgoose.assemble(base, library).eval()
+    model = moe_peft.phatgoose.assemble(base, library).eval()
     with torch.no_grad():
         routed = model(**inputs(batch)).logits
         assert not torch.allclose(routed, ref)
@@ -433,7 +433,7 @@ def test_adapter_management(library, batch):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_forward(library, batch, dtype):
-    model = moe_peft.tuners.phatgoose.assemble(small_base().to(dtype), library).eval()
+    model = moe_peft.phatgoose.assemble(small_base().to(dtype), library).eval()
     assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "phatgoose_" in n)
     with torch.no_grad():
         out = model(**inputs(batch)).logits
@@ -444,33 +444,33 @@ def test_low_precision_forward(library, batch, dtype):
 
 
 def test_generate_routes_every_new_token_and_leaves_no_hook(library, batch):
-    model = moe_peft.tuners.phatgoose.assemble(small_base(), library).eval()
+    model = moe_peft.phatgoose.assemble(small_base(), library).eval()
     hooks = n_hooks(model)
     ids = batch["input_ids"][:2, :5]
     kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         assert torch.equal(model.generate(**kwargs, use_cache=True), model.generate(**kwargs, use_cache=False))
-        moe_peft.tuners.phatgoose.set_routing(model, "oracle")
+        moe_peft.phatgoose.set_routing(model, "oracle")
         oracle = model.generate(**kwargs, task_ids=torch.tensor([0, 2]))
-        moe_peft.tuners.phatgoose.set_routing(model, "single", expert="e2")
+        moe_peft.phatgoose.set_routing(model, "single", expert="e2")
         assert torch.equal(oracle[1], model.generate(**kwargs)[1])
     assert n_hooks(model) == hooks and model.base_model.task_state.sticky is None
 
 
 def test_expert_load_leaves_padding_out(library, batch):
-    model = moe_peft.tuners.phatgoose.assemble(small_base(), library).eval()
-    moe_peft.tuners.phatgoose.set_routing(model, "oracle")
+    model = moe_peft.phatgoose.assemble(small_base(), library).eval()
+    moe_peft.phatgoose.set_routing(model, "oracle")
     mask = torch.ones_like(batch["input_ids"])
     mask[0, :3] = 0  # 3 padding positions in the row of expert 0: 6 + 9 + 9 real tokens
     with torch.no_grad():
         model(input_ids=batch["input_ids"], attention_mask=mask, task_ids=torch.tensor([0, 1, 1]))
-    load = moe_peft.tuners.phatgoose.mean_expert_load(model)
+    load = moe_peft.phatgoose.mean_expert_load(model)
     torch.testing.assert_close(load, torch.tensor([6 / 24, 18 / 24, 0.0]))
-    assert len(moe_peft.tuners.phatgoose.expert_load(model)) == 2 * len(TARGETS)
+    assert len(moe_peft.phatgoose.expert_load(model)) == 2 * len(TARGETS)
 
 
 def test_empty_and_nan_inputs(library):
-    model = moe_peft.tuners.phatgoose.assemble(small_base(), library)
+    model = moe_peft.phatgoose.assemble(small_base(), library)
     layer = model.base_model.model.model.layers[0].mlp.up_proj
     assert layer(torch.randn(0, 32)).shape == (0, 48)
     x = torch.randn(3, 32)

@@ -19,7 +19,7 @@ from peft import PeftModel, get_peft_model
 from peft.config import PeftConfig
 
 import moe_peft
-from moe_peft.bases.tiny import tiny_llama
+from moe_peft.bases import tiny_llama
 
 from .conftest import MLP, VOCAB, randomize_experts
 

@@ -18,7 +18,7 @@ from torch import nn
 
 import moe_peft
 from moe_peft._internal.quantized import dense_linear, dequantize_base, dequantized_weight, is_quantized
-from moe_peft.bases.tiny import tiny_llama
+from moe_peft.bases import tiny_llama
 
 from .conftest import MLP, VOCAB, randomize_experts
 
@@ -214,16 +214,16 @@ def test_phatgoose_on_a_quantized_base_equals_the_dequantized_computation(model_
             LoraConfig(r=4, lora_alpha=8, target_modules=MLP, init_lora_weights=False, task_type="CAUSAL_LM"),
         )
         batches = [{**batch, "input_ids": (batch["input_ids"] + i) % VOCAB}] * 2
-        moe_peft.tuners.phatgoose.train_gates(expert, batches, steps=2, save_to=tmp_path / f"e{i}")
+        moe_peft.phatgoose.train_gates(expert, batches, steps=2, save_to=tmp_path / f"e{i}")
         expert.save_pretrained(tmp_path / f"e{i}")
         paths.append(str(tmp_path / f"e{i}"))
     quantized = load(model_dir, "nf4")
     twin = dense_twin(quantized)
-    model = moe_peft.tuners.phatgoose.assemble(quantized, paths, top_k=2)
-    reference = moe_peft.tuners.phatgoose.assemble(twin, paths, top_k=2)
+    model = moe_peft.phatgoose.assemble(quantized, paths, top_k=2)
+    reference = moe_peft.phatgoose.assemble(twin, paths, top_k=2)
     model.train(), reference.train()
     torch.testing.assert_close(model(**batch).logits, reference(**batch).logits, **TOL["nf4"])
-    assert any(max(load) < 1 for load in moe_peft.tuners.phatgoose.expert_load(model).values())  # routed, not one expert
+    assert any(max(load) < 1 for load in moe_peft.phatgoose.expert_load(model).values())  # routed, not one expert
 
 
 @pytest.mark.parametrize("quant", ["nf4", "int8"])
@@ -232,7 +232,7 @@ def test_merge_into_a_quantized_base_refuses_then_dequantize_base_merges_exactly
         "mole": (lambda: moe_peft.MoLEConfig(r=4, num_experts=1, target_modules=MLP), lambda m: m.merge_and_unload()),
         "mhr": (  # one task: merge_adapter needs no task id either
             lambda: moe_peft.MHRConfig(r=4, n_tasks=1, n_skills=2, target_modules=MLP),
-            lambda m: moe_peft.tuners.mhr.merge_task(m, 0),
+            lambda m: moe_peft.mhr.merge_task(m, 0),
         ),
     }
     for name, (config, merge) in cases.items():

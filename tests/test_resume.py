@@ -12,7 +12,7 @@ from peft import get_peft_model
 from transformers import Trainer, TrainingArguments
 
 import moe_peft
-from moe_peft.bases.tiny import char_tokenizer, tiny_llama
+from moe_peft.bases import char_tokenizer, tiny_llama
 from moe_peft.data import make_samples
 
 from .conftest import MLP

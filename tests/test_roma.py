@@ -16,7 +16,7 @@ from moe_peft.roma import Neighbours, RoMAConfig, RoMARouterLayer, alignment_los
 from peft import PeftConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from moe_peft.bases.tiny import tiny_llama, tiny_moe
+from moe_peft.bases import tiny_llama, tiny_moe
 
 from .test_contract import n_hooks
 

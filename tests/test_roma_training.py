@@ -22,7 +22,7 @@ from moe_peft.roma import embeddings as roma_embeddings
 from moe_peft.roma import reference as roma_reference
 from peft import get_peft_model
 
-from moe_peft.bases.tiny import tiny_moe
+from moe_peft.bases import tiny_moe
 from moe_peft.data import CharTokenizer, Collator, make_dataset
 from moe_peft.tuners.roma.reference import generate_answers
 

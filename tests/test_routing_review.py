@@ -8,7 +8,7 @@ import torch
 from peft import get_peft_model
 
 import moe_peft
-from moe_peft.bases.tiny import tiny_llama
+from moe_peft.bases import tiny_llama
 from moe_peft.routing import TopKRouter
 from moe_peft.routing.losses import localized_balance
 

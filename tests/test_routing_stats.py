@@ -14,7 +14,7 @@ from peft import get_peft_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import moe_peft
-from moe_peft.bases.tiny import tiny_llama, tiny_moe
+from moe_peft.bases import tiny_llama, tiny_moe
 from moe_peft.stats import RoutingProbe, collect, load_cv, max_load, normalized_entropy, summarize
 from moe_peft.stats.summary import Totals
 from moe_peft.train import RoutingStatsCallback
@@ -201,17 +201,17 @@ def test_collect_phatgoose_matches_the_layers_own_load(tmp_path):
             tiny_llama(vocab_size=VOCAB, hidden_size=32, intermediate_size=48),
             LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
         )
-        moe_peft.tuners.phatgoose.save_gates(
+        moe_peft.phatgoose.save_gates(
             {n: torch.randn(32) for n in moe_peft.tuners.phatgoose.gates.lora_layers(expert, "default")}, tmp_path / f"e{i}"
         )
         expert.save_pretrained(tmp_path / f"e{i}")
         dirs.append(tmp_path / f"e{i}")
-    library = moe_peft.tuners.phatgoose.assemble(base, dirs, top_k=2).eval()
+    library = moe_peft.phatgoose.assemble(base, dirs, top_k=2).eval()
     ids, mask = _batch()
     stats = collect(library, [{"input_ids": ids[i][mask[i].bool()].tolist()} for i in range(3)], by=None, batch_size=3)
     with torch.no_grad():  # the same rows, right-padded as collect pads them
         library(**_right_padded(ids, mask))
-    own = moe_peft.tuners.phatgoose.expert_load(library)
+    own = moe_peft.phatgoose.expert_load(library)
     for name in stats.layers:
         assert stats.layer(name)["load"] == pytest.approx(own[name], abs=1e-6)
         assert stats.layer(name)["experts_per_token"] == pytest.approx(2.0)
@@ -401,7 +401,7 @@ def test_callback_applies_pending_counts_unless_the_step_was_skipped():
 def test_moe_sft_trainer_adds_the_callback_first(tmp_path):
     from trl import SFTConfig
 
-    from moe_peft.bases.tiny import char_tokenizer
+    from moe_peft.bases import char_tokenizer
     from moe_peft.train import MoESFTTrainer
 
     tok = char_tokenizer()

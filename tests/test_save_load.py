@@ -14,7 +14,7 @@ from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 import moe_peft
-from moe_peft.bases.tiny import tiny_llama, tiny_llava
+from moe_peft.bases import tiny_llama, tiny_llava
 
 from .conftest import MLP, make_config, randomize_experts
 

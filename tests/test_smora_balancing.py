@@ -8,7 +8,7 @@ import torch
 from peft import PeftModel, get_peft_model
 
 import moe_peft
-from moe_peft.bases.tiny import tiny_llama
+from moe_peft.bases import tiny_llama
 
 from .conftest import MLP, randomize_experts
 

@@ -14,7 +14,7 @@ from trl import SFTConfig
 
 import moe_peft
 from moe_peft.apps.cli import main
-from moe_peft.data.user import DataError
+from moe_peft.data import DataError
 from moe_peft.train.config import ConfigError, apply_override, load_config, method_config_class
 from moe_peft.train.run import train_from_config
 
@@ -61,7 +61,7 @@ def test_shipped_config_blocks_map_onto_their_dataclasses(path):
         ({"method": "mhr", "adapter": {"n_task": 3}}, "did you mean 'n_tasks'?"),
         ({"method": "mole", "data": {"prompt_fields": "q"}}, "did you mean 'prompt_field'?"),
         ({"method": "mole", "gates": {"steps": 3}}, "for method: phatgoose only"),
-        ({"method": "phatgoose", "adapter": {"experts": ["a"]}}, "set by moe_peft.tuners.phatgoose.assemble"),
+        ({"method": "phatgoose", "adapter": {"experts": ["a"]}}, "set by moe_peft.phatgoose.assemble"),
     ],
 )
 def test_unknown_keys_name_the_closest_valid_one(raw, message):
@@ -155,7 +155,7 @@ def test_shipped_config_trains_end_to_end(path, tmp_path, capsys):
     with torch.no_grad():
         model(input_ids=torch.tensor([[1, 5, 6, 7]]), **({"task_ids": torch.tensor([0])} if path.stem == "mhr" else {}))
     if path.stem == "mole_mixtral":  # the YAML's target_parameters reached the fused experts (one LoRA per expert)
-        experts = [m for m in model.modules() if isinstance(m, moe_peft.tuners.routed.experts.MoELoraExperts)]
+        experts = [m for m in model.modules() if isinstance(m, moe_peft.experts.MoELoraExperts)]
         assert len(experts) == 2 and all(set(m.mole_A["default"]) == {"gate_up_proj", "down_proj"} for m in experts)
 
 
@@ -265,7 +265,7 @@ def test_llava_config_with_modality_groups_and_llava_next_on_a_users_jsonl_file(
 
 def test_model_can_be_a_local_path(tmp_path):
     """`model: <path>` loads the base and its tokenizer from there (what a hub id does after the download)."""
-    from moe_peft.bases.tiny import char_tokenizer, tiny_llama
+    from moe_peft.bases import char_tokenizer, tiny_llama
 
     base = tmp_path / "my_base"
     tokenizer = char_tokenizer()

@@ -11,8 +11,8 @@ from datasets import Dataset
 from trl import SFTConfig
 
 import moe_peft
-from moe_peft.bases.tiny import char_tokenizer, tiny_llama
-from moe_peft.data.user import DataConfig, DataError, load_data, tokenize_example
+from moe_peft.bases import char_tokenizer, tiny_llama
+from moe_peft.data import DataConfig, DataError, load_data, tokenize_example
 
 CHAT = [
     {"messages": [{"role": "user", "content": "rev abc="}, {"role": "assistant", "content": "cba"}], "task": "rev"},

@@ -17,7 +17,7 @@ from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 import moe_peft
-from moe_peft.bases.tiny import char_tokenizer, tiny_llama, tiny_moe
+from moe_peft.bases import char_tokenizer, tiny_llama, tiny_moe
 from moe_peft.data import make_samples
 from moe_peft.train import MoESFTTrainer
 
@@ -305,7 +305,7 @@ def test_roma_regularizer_trains_the_routers_under_trl(tok, tmp_path):
 def _reference(model, tok, tmp_path, build_reference):
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from moe_peft.data.user import tokenize_example
+    from moe_peft.data import tokenize_example
 
     rows = [{**r, **tokenize_example(r, tok)} for r in _rows(16).remove_columns(["sample_types", "task_ids"])]
     collate = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id)

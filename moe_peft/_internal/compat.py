@@ -25,8 +25,7 @@ MOVED = {
     "moe_peft._registration": "moe_peft._internal.registration",
     "moe_peft._state_dict": "moe_peft._internal.state_dict",
     "moe_peft.accumulation": "moe_peft._internal.accumulation",
-    "moe_peft.qlora": "moe_peft._internal.quantized",
-    "moe_peft.qlora.base": "moe_peft._internal.quantized",
+    "moe_peft.qlora": "moe_peft._internal.quantized",  # its one submodule, qlora.base, was internal: not kept
     "moe_peft.routers": "moe_peft.routing",
     "moe_peft.losses": "moe_peft.routing.losses",
     "moe_peft.context": "moe_peft.routing.context",

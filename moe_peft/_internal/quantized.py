@@ -57,7 +57,7 @@ def refuse_quantized_merge(base: nn.Module, adapter: str, where: str) -> None:
         raise ValueError(
             f"Cannot merge adapter '{adapter}' into {where}: its base layer is a {_describe(base)}, whose weight is "
             "packed, not a dense matrix the adapter's delta can be added to. Keep the adapter unmerged (it runs on the "
-            "quantized base as it is), or dequantize first: moe_peft._internal.quantized.dequantize_base(model) replaces the "
+            "quantized base as it is), or dequantize first: moe_peft.dequantize_base(model) replaces the "
             "quantized base layers by dense nn.Linear copies, after which merge_and_unload() is exact."
         )
 

@@ -153,7 +153,7 @@ def plain_tensors(model: nn.Module, trained: bool) -> Plain:
 # -- reading the parts -----------------------------------------------------------------------------------------------
 @contextmanager
 def _task(layer, task_id: Optional[int]) -> Iterator[None]:
-    """Fix the task the layer's merge_key reads, as moe_peft.tuners.mhr.merge_task does (the layer shares the tuner's)."""
+    """Fix the task the layer's merge_key reads, as moe_peft.mhr.merge_task does (the layer shares the tuner's)."""
     state = layer._task_state
     previous = state.merge_task
     state.merge_task = None if task_id is None else int(task_id)
@@ -239,7 +239,7 @@ def _mhr(name: str, layer: MHRLinear, parts: Parts, options: Options) -> None:
     for adapter in _active(layer, layer.mhr_A):
         config = layer.mhr_config[adapter]
         if options.mhr_average and config.routed:
-            # MHR-mu (moe_peft.tuners.mhr.set_mode(model, "mhr_mu")): every head's skills averaged, A and B separately,
+            # MHR-mu (moe_peft.mhr.set_mode(model, "mhr_mu")): every head's skills averaged, A and B separately,
             # i.e. the task LoRA under uniform skill weights 1/S; computed here without changing the model
             heads, skills = config.n_splits, layer.mhr_A[adapter].shape[1]
             weights = torch.full((1, heads, skills), 1.0 / skills, device=layer.mhr_A[adapter].device)  # [1, H, S]

@@ -66,7 +66,7 @@ class TaskIds:
         if int(ids.min()) < 0 or int(ids.max()) >= n_tasks:
             raise ValueError(
                 f"task_ids={ids.tolist()} is out of range for {what}, which knows n_tasks={n_tasks}: use ids in "
-                f"[0, {n_tasks}) (to add tasks to an MHR adapter: moe_peft.tuners.mhr.set_mode(model, 'mhr_z', add_tasks=k))."
+                f"[0, {n_tasks}) (to add tasks to an MHR adapter: moe_peft.mhr.set_mode(model, 'mhr_z', add_tasks=k))."
             )
         return ids
 

@@ -5,11 +5,11 @@
     threads: 1                   # torch threads (1 is the fastest for tiny models on a shared CPU)
     adapter:  {...}              # the method's config class (MoLEConfig, ..., RoMAConfig)
     training: {...}              # trl.SFTConfig
-    data:     {...}              # moe_peft.data.user.DataConfig
+    data:     {...}              # moe_peft.data.DataConfig
     stats:    {...}              # StatsConfig: the routing statistics and plots written after training
     tiny:     {...}              # TinyBaseConfig: the bundled base of `model: tiny`
     experts:  {...}              # PHATGOOSE only: peft.LoraConfig of each expert
-    gates:    {...}              # PHATGOOSE only: GatesConfig (moe_peft.tuners.phatgoose.train_gates)
+    gates:    {...}              # PHATGOOSE only: GatesConfig (moe_peft.phatgoose.train_gates)
 
 An unknown key raises ConfigError naming the key and the closest valid one. `--set block.key=value` (or `key=value`
 when exactly one block has that key) overrides a value; the value is read as YAML (`20`, `1e-3`, `null`, `[a, b]`).
@@ -33,7 +33,7 @@ class ConfigError(ValueError):
 
 
 METHODS = ("mole", "loramoe", "smora", "mhr", "phatgoose", "roma")
-# PhatgooseConfig fields that moe_peft.tuners.phatgoose.assemble fills from the experts
+# PhatgooseConfig fields that moe_peft.phatgoose.assemble fills from the experts
 ASSEMBLED_FIELDS = ("experts", "r", "target_modules", "exclude_modules", "modules_to_save")
 
 
@@ -126,7 +126,7 @@ class TinyBaseConfig:
 
 @dataclass
 class GatesConfig:
-    """The `gates:` block (PHATGOOSE): moe_peft.tuners.phatgoose.train_gates for each expert, on the expert's own data."""
+    """The `gates:` block (PHATGOOSE): moe_peft.phatgoose.train_gates for each expert, on the expert's own data."""
 
     steps: int = 100
     lr: float = 1e-3
@@ -261,7 +261,7 @@ def load_config(
             if key not in fields[block]:
                 if block == "adapter" and method == "phatgoose" and key in ASSEMBLED_FIELDS:
                     raise ConfigError(
-                        f"{where}: adapter.{key} is set by moe_peft.tuners.phatgoose.assemble from the trained experts; "
+                        f"{where}: adapter.{key} is set by moe_peft.phatgoose.assemble from the trained experts; "
                         "configure the experts in the experts block (peft.LoraConfig fields) instead."
                     )
                 raise ConfigError(f"{where}: unknown key {block}.{key}; {_suggest(key, fields[block])}")

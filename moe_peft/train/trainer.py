@@ -126,7 +126,7 @@ class MoESFTTrainer(RoMALossMixin, SFTTrainer):
         trainer.train()
 
     Extra keyword arguments:
-        roma_reference: a RoMA adapter's reference set (`moe_peft.tuners.roma.build_reference`); None builds it from the
+        roma_reference: a RoMA adapter's reference set (`moe_peft.roma.build_reference`); None builds it from the
             training rows (plain-text prompt/completion rows: success = exact match of the pretrained model's
             greedy answer), cached in `<output_dir>/roma`.
         routing_stats: add `RoutingStatsCallback` (default True); `routing_stats_per_layer=False` logs only the
@@ -225,7 +225,7 @@ class MoESFTTrainer(RoMALossMixin, SFTTrainer):
             raise ValueError(
                 "roma_reference=None builds RoMA's reference from plain-text `prompt`/`completion` rows, which this "
                 f"train_dataset does not have (columns: {sorted(columns)}); build it with "
-                "moe_peft.tuners.roma.build_reference(model, rows, tokenizer, collator) and pass roma_reference=."
+                "moe_peft.roma.build_reference(model, rows, tokenizer, collator) and pass roma_reference=."
             )
         if len(raw) != len(prepared):
             raise ValueError(

@@ -26,7 +26,7 @@ class MHRConfig(ConfigFile):
         n_splits: heads per skill; 1 is Poly, > 1 is MHR. Must divide the in and out features of every target.
         mode: "mhr" trains skills and routing; "mhr_z" trains only the routing (skills frozen, e.g. to fit new
             tasks on top of a multi-task adapter); "mhr_mu" drops routing and fine-tunes the average of the skills
-            as one LoRA (then n_skills is 1 and task_ids is not needed). Switch with `moe_peft.tuners.mhr.set_mode`.
+            as one LoRA (then n_skills is 1 and task_ids is not needed). Switch with `moe_peft.mhr.set_mode`.
         lora_alpha: the delta is scaled by lora_alpha / r. PEFT's Poly and mttl scale by 1 / r: the default 1.0.
         relaxed_bernoulli: sample the routing in training from RelaxedBernoulli(temperature 1, logits Z[t]) (PEFT's
             Poly, mttl's default); False uses sigmoid(Z[t]) in training too (mttl's T0 MHR configs), which avoids the
@@ -88,7 +88,7 @@ class MHRConfig(ConfigFile):
                 "n_skills",
                 self.n_skills,
                 "mode='mhr_mu' holds the average of the skills as one LoRA: use n_skills=1, or switch a trained "
-                "adapter with moe_peft.tuners.mhr.set_mode(model, 'mhr_mu'), which averages the skills for you.",
+                "adapter with moe_peft.mhr.set_mode(model, 'mhr_mu'), which averages the skills for you.",
             )
         if self.lora_alpha <= 0:
             raise _bad("lora_alpha", self.lora_alpha, "use a positive scaling numerator (Poly: 1.0).")

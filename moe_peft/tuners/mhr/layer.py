@@ -144,8 +144,8 @@ class MHRLinear(nn.Module, DeltaMergeMixin, BaseTunerLayer):
         if task is None:
             raise ValueError(
                 f"MHR adapter '{adapter}' routes per task (n_tasks={n_tasks}), so it is one LoRA only once a task is "
-                "chosen: merge a task with moe_peft.tuners.mhr.merge_task(model, task_id) or export it as a plain PEFT "
-                "LoRA with moe_peft.tuners.mhr.export_task_lora(model, task_id, path)."
+                "chosen: merge a task with moe_peft.mhr.merge_task(model, task_id) or export it as a plain PEFT "
+                "LoRA with moe_peft.mhr.export_task_lora(model, task_id, path)."
             )
         if not 0 <= task < n_tasks:
             raise ValueError(f"task_id={task} is out of range for MHR adapter '{adapter}': use [0, {n_tasks}).")

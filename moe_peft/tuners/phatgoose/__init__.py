@@ -2,11 +2,11 @@
 
 # 1. each expert: an ordinary PEFT LoRA trained on its own task, saved with save_pretrained(dir)
 # 2. its gates: only the sigmoid gate vectors train, the expert is frozen; saved next to the adapter
-moe_peft.tuners.phatgoose.train_gates(PeftModel.from_pretrained(base, dir), data, steps=100, lr=1e-3, save_to=dir)
+moe_peft.phatgoose.train_gates(PeftModel.from_pretrained(base, dir), data, steps=100, lr=1e-3, save_to=dir)
 # 3. the library: one PEFT model that saves and reloads as one adapter
-model = moe_peft.tuners.phatgoose.assemble(base, [dir_1, dir_2, dir_3], top_k=2)
-moe_peft.tuners.phatgoose.add_experts(model, [dir_4])                 # the others are not retrained
-moe_peft.tuners.phatgoose.set_routing(model, "uniform")              # baselines: "uniform", "single", "oracle"
+model = moe_peft.phatgoose.assemble(base, [dir_1, dir_2, dir_3], top_k=2)
+moe_peft.phatgoose.add_experts(model, [dir_4])                 # the others are not retrained
+moe_peft.phatgoose.set_routing(model, "uniform")              # baselines: "uniform", "single", "oracle"
 """
 
 from .config import ROUTINGS, PhatgooseConfig

@@ -14,7 +14,7 @@ ROUTINGS = ("top_k", "uniform", "single", "oracle")
 
 @dataclass
 class PhatgooseConfig(ConfigFile):
-    """Usually built by `moe_peft.tuners.phatgoose.assemble(base, adapter_paths)`, which fills every field from the experts.
+    """Usually built by `moe_peft.phatgoose.assemble(base, adapter_paths)`, which fills every field from the experts.
 
     Args:
         experts: names of the experts, in the order of the stacked banks (expert e is row e of every bank).
@@ -73,7 +73,7 @@ class PhatgooseConfig(ConfigFile):
                 "target_modules",
                 None,
                 "a PHATGOOSE library adapts the modules its experts adapt: build it with "
-                "moe_peft.tuners.phatgoose.assemble(base_model, adapter_paths), which sets them.",
+                "moe_peft.phatgoose.assemble(base_model, adapter_paths), which sets them.",
             )
         if self.modules_to_save:
             raise _bad("modules_to_save", self.modules_to_save, "PHATGOOSE mixes LoRA experts only; leave it unset.")

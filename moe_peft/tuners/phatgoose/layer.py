@@ -132,7 +132,7 @@ class PhatgooseLinear(nn.Module, DeltaMergeMixin, BaseTunerLayer):
             f"PHATGOOSE adapter '{adapter}' with routing='{config.routing}' picks experts per "
             f"{'token' if config.routing == 'top_k' else 'sample'}, so it is not one fixed weight and cannot be merged "
             "into the base layer. Keep it unmerged, merge a baseline that is one LoRA: "
-            "moe_peft.tuners.phatgoose.set_routing(model, 'uniform') (merged experts) or 'single', or export an approximation "
+            "moe_peft.phatgoose.set_routing(model, 'uniform') (merged experts) or 'single', or export an approximation "
             "with a measured error: moe_peft.export(model, strategy='routing_weighted' or 'svd', out=DIR)."
         )
 

@@ -2,7 +2,7 @@
 
 An expert is a directory saved by PEFT with a LoraConfig (`adapter_config.json` + weights), plus the gates that
 `train_gates` saved next to it. moe-peft's own adapters become experts the same way, e.g. an MHR task exported
-with `moe_peft.tuners.mhr.export_task_lora`.
+with `moe_peft.mhr.export_task_lora`.
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def _need_gates(experts: list[Expert], routing: str) -> None:
     missing = [f"'{e.name}' ({e.path})" for e in experts if e.gates is None]
     if routing == "top_k" and missing:
         raise ValueError(
-            f"Experts {', '.join(missing)} have no gates ({GATES_FILE}); run moe_peft.tuners.phatgoose.train_gates(model, "
+            f"Experts {', '.join(missing)} have no gates ({GATES_FILE}); run moe_peft.phatgoose.train_gates(model, "
             "data, save_to=<adapter dir>) for each, or assemble a baseline routing ('uniform', 'single', 'oracle')."
         )
 

@@ -27,7 +27,7 @@ class PhatgooseModel(TaskIdsTuner):
 
 
 def _tuner(model: nn.Module) -> PhatgooseModel:
-    return tuner_of(model, PhatgooseModel, "moe_peft.tuners.phatgoose.assemble")
+    return tuner_of(model, PhatgooseModel, "moe_peft.phatgoose.assemble")
 
 
 _adapter = adapter_of

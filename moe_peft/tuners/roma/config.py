@@ -28,7 +28,7 @@ class RoMAConfig(ConfigFile):
 
     Args:
         target_routers: router modules to tune. None detects them by architecture (see
-            `moe_peft.tuners.roma.SUPPORTED_ARCHITECTURES`); otherwise module names (suffix match, e.g. ["mlp.gate"])
+            `moe_peft.roma.SUPPORTED_ARCHITECTURES`); otherwise module names (suffix match, e.g. ["mlp.gate"])
             or a regex of full module names. A router must hold `weight [num_experts, hidden]` and return its
             logits (or a tuple whose first element is the logits).
         layers: decoder-layer indices whose routers are tuned. None: the last `num_last_layers` MoE layers.
