@@ -14,8 +14,10 @@ from .._internal.atomic import atomic_directory, write_json
 from ..tuners.mhr.layer import MHRLinear
 from ..tuners.phatgoose.layer import PhatgooseLinear
 from ..tuners.routed.config import SMoRAConfig
+from ..tuners.routed.layer import MoELoraLinear
+from ..tuners.routed.model import IMAGE_TOKEN_MODEL_TYPES
 from . import approximate as approx
-from .calibration import Calibration, batches, load_calibration
+from .calibration import Calibration, batches, load_calibration, routed_inputs
 from .lora import build_lora_model, linear_factors
 from .measure import measure, summary
 from .native import NativeMoEError, build_native, check_base, routed_blocks
@@ -70,6 +72,67 @@ def _task_routed(root: nn.Module) -> bool:
     return False
 
 
+def _modality_groups(root: nn.Module) -> dict[str, list[str]]:
+    """{adapter: its modality group names, in token_types order} for the active routed adapters with
+    modality_experts (MoLEConfig), which route each token within its group."""
+    found = {}
+    for m in root.modules():
+        if isinstance(m, MoELoraLinear) and not m.disable_adapters:
+            for adapter in m.active_adapters:
+                groups = getattr(m.configs.get(adapter), "modality_experts", None)
+                if groups and adapter in m.routers:
+                    found[adapter] = list(groups)
+    return found
+
+
+def _image_token_id(root: nn.Module) -> Optional[int]:
+    """The image token a LLaVA-family model marks its image positions with (their modality group), else None."""
+    config = getattr(root, "config", None)
+    if getattr(config, "model_type", None) in IMAGE_TOKEN_MODEL_TYPES:
+        return getattr(config, "image_token_id", None)
+    return None
+
+
+def _check_modality(groups: dict[str, list[str]], calib: Calibration, image_token_id: Optional[int]) -> None:
+    """An adapter with modality groups routes each token within its group, so its forward needs each token's
+    modality: calibration rows with token_types, or a LLaVA-family model (whose image tokens give it)."""
+    if not groups or calib.has_token_types or image_token_id is not None:
+        return
+    adapter, names = next(iter(groups.items()))
+    raise ValueError(
+        f"export: adapter '{adapter}' routes by modality_experts (groups {names}): every token is routed within "
+        f"its modality group, so the routed model needs each token's group, which the calibration data "
+        f"({calib.source}) does not carry. Give calibration rows with input_ids and token_types (one group index "
+        f"per token, 0..{len(names) - 1} in the order {names}), e.g. "
+        '{"input_ids": [5, 9, 7], "token_types": [0, 1, 1]}; the error is then measured on those tokens.'
+    )
+
+
+def _modality_tokens(groups, calib: Calibration, image_token_id: Optional[int]) -> Optional[dict]:
+    """How many fit and held-out calibration tokens each modality group has (None without modality groups), so the
+    record says what the error covers: a group without tokens was not measured."""
+    if not groups:
+        return None
+    names = next(iter(groups.values()))
+    text = names.index("text") if "text" in names else 0
+
+    def count(rows):
+        totals = [0] * len(names)
+        for r in rows:
+            if "token_types" in r:
+                types = r["token_types"]
+            elif image_token_id is not None:  # a LLaVA model: its image tokens are the image group
+                image = names.index("image") if "image" in names else text
+                types = [image if t == image_token_id else text for t in r["input_ids"]]
+            else:
+                types = [text] * len(r["input_ids"])
+            for t in types:
+                totals[t if 0 <= t < len(names) else text] += 1
+        return dict(zip(names, totals))
+
+    return {"fit": count(calib.fit), "eval": count(calib.eval)}
+
+
 def default_rank(part: RoutedLinear) -> int:
     """svd's default rank: one expert's rank (SMoRA, whose experts are single ranks: the ranks a token uses)."""
     return int(part.config.top_k) if isinstance(part.config, SMoRAConfig) else int(part.lora_A.shape[1])
@@ -93,6 +156,7 @@ def _approximate(
                 collector.mask = batch["attention_mask"]
                 device = next(model.parameters()).device
                 kw = extra(batch["input_ids"].shape[0]) if extra is not None else {}
+                kw.update({k: v.to(device) for k, v in routed_inputs(batch).items()})  # token_types
                 model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), **kw)
         stats = collector.stats
     factors: dict[str, list] = {}
@@ -247,6 +311,9 @@ def export(
     needs_data = measure_error or strategy in ("routing_weighted", "svd")
     pad_id = getattr(root.config, "pad_token_id", None)
     calib = load_calibration(calibration, tokenizer, calibration_rows, pad_id) if needs_data else None
+    modality = _modality_groups(root)
+    if calib is not None:
+        _check_modality(modality, calib, _image_token_id(root))
     base_path = base_model_name_or_path or getattr(peft_config, "base_model_name_or_path", None)
 
     was_training = model.training
@@ -277,6 +344,9 @@ def export(
     record = _record(strategy, output, parts, peft_config, root, source, base_path, exported, calib, error)
     record["options"] = {"rank": rank, "task_id": task_id, "phatgoose_routing": phatgoose_routing, "expert": expert}
     record["options"].update(note)
+    modality_tokens = _modality_tokens(modality, calib, _image_token_id(root)) if calib is not None else None
+    if modality_tokens is not None:
+        record["calibration"]["modality_tokens"] = modality_tokens
     with atomic_directory(out, overwrite=overwrite) as tmp:
         exported.save_pretrained(tmp)
         if output != "peft_lora" and tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
@@ -292,6 +362,14 @@ def export(
             print(f"  approximated: {', '.join(record['parts']['approximated'])}")
         if error is not None:
             print(summary(error))
+        if modality_tokens is not None:
+            held = modality_tokens["eval"]
+            missing = [g for g, n in held.items() if n == 0]
+            print(
+                "  modality groups of the held-out tokens: "
+                + ", ".join(f"{g} {n}" for g, n in held.items())
+                + (f" (no {', '.join(missing)} token: the error says nothing about them)" if missing else "")
+            )
         size = record["size"]
         print(
             f"  size: {size['safetensors_bytes'] / 2**20:.2f} MiB of safetensors, {size['ratio_to_base']:.2f}x the base"

@@ -7,6 +7,11 @@
   "input_ids" (already tokenized; optional "labels");
 * a list of such dicts.
 
+An "input_ids" row may carry "token_types" (one modality group index per token, in the adapter's modality_experts
+order): what an adapter with modality groups (MoLEConfig.modality_experts) needs to route each token within its
+group. They go to the routed model's forward (the exported model has no modality); the error of such rows is measured
+on the logits (exact match, which generates, is not run on them).
+
 Rows are split deterministically: every 4th row is held out for measuring the error; the others are what the
 approximations fit on (all rows are fit rows when only measuring: exact strategies and "average" fit nothing, but
 are measured on the same held-out rows, so every strategy's error is measured on the same tokens).
@@ -38,8 +43,18 @@ class Calibration:
 
     @property
     def has_tasks(self) -> bool:
-        """Exact match by task is measured when the held-out rows are prompt/completion/task samples."""
-        return bool(self.eval) and all(k in r for r in self.eval for k in ("prompt", "completion", "task"))
+        """Exact match by task is measured when the held-out rows are prompt/completion/task samples (without token
+        types: generation would need each token's modality)."""
+        return (
+            bool(self.eval)
+            and not self.has_token_types
+            and all(k in r for r in self.eval for k in ("prompt", "completion", "task"))
+        )
+
+    @property
+    def has_token_types(self) -> bool:
+        """The rows carry each token's modality group (token_types); then every row does (load_calibration)."""
+        return any("token_types" in r for r in self.fit + self.eval)
 
     def describe(self) -> dict:
         count = lambda rows: int(sum(len(r["input_ids"]) for r in rows))  # noqa: E731
@@ -50,12 +65,27 @@ class Calibration:
             "fit_tokens": count(self.fit),
             "eval_tokens": count(self.eval),
             "held_out": f"every {HOLDOUT_EVERY}th row is held out for the measurement",
+            "token_types": self.has_token_types,
         }
 
 
 def _tokenize(rows: list[dict], tokenizer, where: str) -> list[dict]:
     out = []
     for i, row in enumerate(rows):
+        if "token_types" in row:
+            if "input_ids" not in row:
+                raise ValueError(
+                    f"calibration: {where} row {i} has token_types but no input_ids; token_types give one modality "
+                    "group per token, so give them with the row's input_ids (same length)."
+                )
+            types = [int(t) for t in row["token_types"]]
+            if len(types) != len(row["input_ids"]) or min(types, default=0) < 0:
+                raise ValueError(
+                    f"calibration: {where} row {i} has {len(types)} token_types for {len(row['input_ids'])} "
+                    f"input_ids (smallest {min(types, default=0)}); give one group index >= 0 per token (indices "
+                    "into the adapter's modality_experts, in its order)."
+                )
+            row = {**row, "token_types": types}
         if "input_ids" in row:
             ids = [int(t) for t in row["input_ids"]]
             out.append({**row, "input_ids": ids, "labels": list(row.get("labels", ids))})
@@ -102,6 +132,12 @@ def load_calibration(
     else:
         raise ValueError(f"calibration={type(calibration).__name__} is invalid: use None, 'bundled', a path or rows.")
     tokenized = _tokenize(raw, tokenizer, source)
+    typed = sum("token_types" in r for r in tokenized)
+    if 0 < typed < len(tokenized):
+        raise ValueError(
+            f"calibration: {typed} of the {len(tokenized)} rows of {source} carry token_types; give them on every row "
+            "(each token's modality group) or on none."
+        )
     if len(tokenized) < HOLDOUT_EVERY:
         raise ValueError(f"calibration: {len(tokenized)} rows; give at least {HOLDOUT_EVERY} (every 4th is held out).")
     held = [r for i, r in enumerate(tokenized) if i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1]
@@ -112,11 +148,23 @@ def load_calibration(
 
 
 def batches(rows: list[dict], pad_id: int, batch_size: int = 16) -> Iterator[dict[str, torch.Tensor]]:
-    """Right-padded batches: input_ids, attention_mask [B, S] and labels (-100 on padding and unscored tokens)."""
+    """Right-padded batches: input_ids, attention_mask [B, S] and labels (-100 on padding and unscored tokens), and
+    token_types [B, S] when the rows carry them (-1 on padding: the routed model routes it as text; it is masked)."""
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         ids, mask = pad_batch([r["input_ids"] for r in chunk], pad_id)  # [B, S] each
         labels = torch.full_like(ids, -100)
         for i, r in enumerate(chunk):
             labels[i, : len(r["labels"])] = torch.tensor(r["labels"], dtype=torch.long)
-        yield {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if "token_types" in chunk[0]:
+            types = torch.full_like(ids, -1)  # [B, S]
+            for i, r in enumerate(chunk):
+                types[i, : len(r["token_types"])] = torch.tensor(r["token_types"], dtype=torch.long)
+            batch["token_types"] = types
+        yield batch
+
+
+def routed_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What only the routed model's forward takes from a batch: the tokens' modality groups (token_types)."""
+    return {"token_types": batch["token_types"]} if "token_types" in batch else {}
