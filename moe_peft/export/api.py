@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -11,7 +12,9 @@ from peft import PeftModel
 from torch import nn
 
 from .._internal.atomic import atomic_directory, write_json
+from ..tuners.mhr.config import MHRConfig
 from ..tuners.mhr.layer import MHRLinear
+from ..tuners.phatgoose.config import PhatgooseConfig
 from ..tuners.phatgoose.layer import PhatgooseLinear
 from ..tuners.routed.config import SMoRAConfig
 from ..tuners.routed.layer import MoELoraLinear
@@ -70,6 +73,63 @@ def _task_routed(root: nn.Module) -> bool:
         ):
             return True
     return False
+
+
+def _task_configs(root: nn.Module) -> list:
+    """The configs of the active MHR and PHATGOOSE adapters, at any depth: what task_id, phatgoose_routing and
+    expert act on."""
+    found = {}
+    for m in root.modules():
+        if isinstance(m, MHRLinear):
+            found.update({id(c): c for a, c in m.mhr_config.items() if a in m.active_adapters})
+        elif isinstance(m, PhatgooseLinear):
+            found.update({id(c): c for a, c in m.phatgoose_config.items() if a in m.active_adapters})
+    return list(found.values())
+
+
+def check_applicable(
+    configs: list,
+    task_id: Optional[int],
+    phatgoose_routing: Optional[str],
+    expert: Optional[str],
+    what: str,
+    shown: Optional[dict[str, str]] = None,
+    require_task: bool = False,
+) -> None:
+    """Refuse task_id, phatgoose_routing and expert where nothing would use them (they were silently ignored), and
+    out of range. `configs`: the adapter configs of the model (or of the adapter the CLI is about to load); `what`:
+    how the messages name it; `shown`: how each given option is spelled in messages (the CLI: its flags; default
+    `name=value`); require_task: the error will be measured, so a per-task model needs its task."""
+
+    def name(option, value):
+        return (shown or {}).get(option, f"{option}={value!r}")
+
+    task_flag = (shown or {}).get("task_id_flag", "task_id")
+    mhr = [c for c in configs if isinstance(c, MHRConfig)]
+    libraries = [c for c in configs if isinstance(c, PhatgooseConfig)]
+    per_task = [(c, c.n_tasks, "tasks") for c in mhr if c.routed]
+    per_task += [(c, c.num_experts, "experts (one per task)") for c in libraries if c.routing == "oracle"]
+    if task_id is not None and not per_task:
+        raise ValueError(
+            f"{name('task_id', task_id)} does not apply to {what}: it picks the task of an MHR adapter that routes per "
+            "task, or the expert of a PHATGOOSE library with routing='oracle'; leave it unset."
+        )
+    for _, count, unit in per_task:
+        if task_id is not None and not 0 <= task_id < count:
+            raise ValueError(f"{name('task_id', task_id)} is out of range: {what} has {count} {unit}, 0..{count - 1}.")
+    if require_task and task_id is None and per_task:
+        raise ValueError(
+            f"{what} routes per task (MHR, or PHATGOOSE with routing='oracle'): name the task to export and to measure "
+            f"the error on with {task_flag}."
+        )
+    if phatgoose_routing is not None and not libraries:
+        raise ValueError(
+            f"{name('phatgoose_routing', phatgoose_routing)} does not apply to {what}: it fixes the routing of a "
+            "PHATGOOSE library; leave it unset."
+        )
+    for c in libraries:
+        if expert is not None and expert not in c.experts:
+            raise ValueError(f"{name('expert', expert)} is not an expert of {what}; its experts are {c.experts}.")
 
 
 def _modality_groups(root: nn.Module) -> dict[str, list[str]]:
@@ -179,6 +239,18 @@ def _approximate(
     return factors, note
 
 
+def measured_on(calib: Calibration) -> str:
+    """Which data the error was measured on, in words (printed under the error)."""
+    held = f"{len(calib.eval)} held-out rows ({sum(len(r['input_ids']) for r in calib.eval)} tokens)"
+    if calib.source == "bundled":
+        where = f"the bundled tasks {', '.join(calib.tasks)}"
+    elif calib.source == "rows":
+        where = "the rows passed in"
+    else:
+        where = calib.source
+    return f"{held} of {where}" + (f"; {calib.note}" if calib.note else "")
+
+
 def _check_options(strategy, rank, merge, measure_error, ridge, task_id, phatgoose_routing, expert) -> None:
     if strategy not in STRATEGIES:
         raise _bad("strategy", strategy, f"use one of {STRATEGIES}.")
@@ -252,6 +324,7 @@ def export(
     expert: Optional[str] = None,
     ridge: float = 1e-4,
     calibration_rows: int = 512,
+    calibration_tasks: Optional[Sequence[str]] = None,
     measure_error: bool = True,
     overwrite: bool = False,
     source: Optional[str] = None,
@@ -266,7 +339,7 @@ def export(
             a stock sparse-MoE checkpoint), "average", "routing_weighted" or "svd" (approximate; see approximate.py).
         out: the output directory, written atomically (a temporary sibling renamed into place).
         calibration: rows to fit routing_weighted/svd on and to measure the error on (calibration.py); None: the
-            bundled synthetic tasks.
+            bundled synthetic tasks (without a tokenizer, exact strategies are measured on random token ids).
         tokenizer: tokenizes text calibration rows and runs exact match; saved next to merged models.
         merge: write merged weights (True) or a plain PEFT LoRA adapter (False). Default: merged for "merge", a LoRA
             for the approximate strategies; "merge" with merge=False writes the exact parts as a plain LoRA.
@@ -276,6 +349,8 @@ def export(
         phatgoose_routing, expert: fix a PHATGOOSE library's routing to "uniform" or "single" (with `expert`).
         ridge: svd's regularization, relative to the mean input energy.
         calibration_rows: the number of bundled samples (calibration=None).
+        calibration_tasks: which bundled tasks to draw them from (default rev, srt, sft, cpy); the CLI passes the
+            adapter's own, from its tasks.json.
         measure_error: exact strategies may skip the measurement; approximate ones always measure.
         overwrite: replace an existing `out` (only once the new one is complete).
         source: where the adapter came from, for the record (the CLI passes the adapter path).
@@ -285,9 +360,21 @@ def export(
     _check_options(strategy, rank, merge, measure_error, ridge, task_id, phatgoose_routing, expert)
     if os.path.exists(out) and not overwrite:  # before any work; atomic_directory checks again when it writes
         raise FileExistsError(f"{os.path.abspath(out)} exists; choose another output directory or pass overwrite=True.")
+    needs_data = measure_error or strategy in ("routing_weighted", "svd")
+    if not needs_data and (calibration is not None or calibration_tasks is not None):
+        if calibration is None:
+            given = f"calibration_tasks={list(calibration_tasks)!r}"
+        else:  # a list of rows is shown by its length
+            shown = f"[{len(calibration)} rows]" if isinstance(calibration, (list, tuple)) else repr(calibration)
+            given = f"calibration={shown}"
+        raise ValueError(
+            f"{given} is invalid: strategy={strategy!r} with measure_error=False fits and measures nothing, so nothing "
+            "would use it; drop it, or measure the error."
+        )
     merged = (strategy == "merge") if merge is None else bool(merge)
     root = model.get_base_model() if isinstance(model, PeftModel) else model
     check_not_quantized(root)
+    check_applicable(_task_configs(root), task_id, phatgoose_routing, expert, "this model")
     peft_config = model.peft_config[model.active_adapters[0]] if isinstance(model, PeftModel) else None
     options = Options(task_id, phatgoose_routing, expert, mhr_average=strategy == "average")
     if strategy in ("routing_weighted", "svd") and task_id is None and _task_routed(root):
@@ -308,9 +395,16 @@ def export(
         if task_id is None and measure_error:
             raise _bad("task_id", task_id, "the routed model routes per task: name the task the error is measured on.")
         extra = lambda batch: {"task_ids": torch.full((batch,), int(task_id), dtype=torch.long)}  # noqa: E731
-    needs_data = measure_error or strategy in ("routing_weighted", "svd")
     pad_id = getattr(root.config, "pad_token_id", None)
-    calib = load_calibration(calibration, tokenizer, calibration_rows, pad_id) if needs_data else None
+    # an exact export needs no particular data to show it is exact: without a tokenizer for the bundled text, it is
+    # measured on token ids drawn from the vocabulary (calibration.py); the approximations fit on real data only
+    text_config = root.config.get_text_config() if hasattr(root.config, "get_text_config") else root.config
+    vocab = getattr(text_config, "vocab_size", None) if strategy in EXACT else None
+    calib = (
+        load_calibration(calibration, tokenizer, calibration_rows, pad_id, calibration_tasks, vocab)
+        if needs_data
+        else None
+    )
     modality = _modality_groups(root)
     if calib is not None:
         _check_modality(modality, calib, _image_token_id(root))
@@ -362,6 +456,7 @@ def export(
             print(f"  approximated: {', '.join(record['parts']['approximated'])}")
         if error is not None:
             print(summary(error))
+            print(f"  measured on: {measured_on(calib)}")
         if modality_tokens is not None:
             held = modality_tokens["eval"]
             missing = [g for g, n in held.items() if n == 0]

@@ -1,7 +1,10 @@
 """Calibration data for export: what routing_weighted and svd fit on, and what every export's error is measured on.
 
 `calibration` may be
-* None or "bundled": the bundled synthetic tasks (moe_peft/data.py), `rows` samples drawn with their own seed;
+* None or "bundled": the bundled synthetic tasks (moe_peft/data/bundled.py), `rows` samples drawn with their own
+  seed (`tasks`: which of them; default DEFAULT_TASKS). Without a tokenizer, and only where the caller allows it
+  (`vocab_size`: exact strategies, which need no particular data to show that they are exact), `rows` rows of
+  RANDOM_LENGTH token ids drawn uniformly from the vocabulary instead;
 * a path to a JSON Lines file whose rows hold "prompt" and "completion" (the loss and perplexity count the
   completion; a "task" field makes exact match by task possible), or "text" (every token counts), or
   "input_ids" (already tokenized; optional "labels");
@@ -21,25 +24,28 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
 
-from ..data.bundled import DEFAULT_TASKS, make_samples, tokenize_rows
+from ..data.bundled import DEFAULT_TASKS, TASKS, make_samples, tokenize_rows
 from ..tuners.roma.embeddings import encode_text, pad_batch, pad_id_of
 
 BUNDLED_SEED = 2024  # not the demo's training (0) or test (1000) seeds
 HOLDOUT_EVERY = 4
+RANDOM_LENGTH = 32  # tokens per row of random token ids
 
 
 @dataclass
 class Calibration:
-    source: str  # "bundled", a file path, or "rows"
+    source: str  # "bundled", "random token ids", a file path, or "rows"
     fit: list[dict]  # rows with input_ids and labels (and prompt/completion/task when given)
     eval: list[dict]
     pad_id: int
+    tasks: Optional[list[str]] = None  # the bundled tasks drawn (source "bundled")
+    note: Optional[str] = None  # what the measurement on these rows means, when it is not the obvious
 
     @property
     def has_tasks(self) -> bool:
@@ -58,8 +64,12 @@ class Calibration:
 
     def describe(self) -> dict:
         count = lambda rows: int(sum(len(r["input_ids"]) for r in rows))  # noqa: E731
+        extra = {"tasks": self.tasks} if self.tasks is not None else {}
+        if self.note is not None:
+            extra["note"] = self.note
         return {
             "source": self.source,
+            **extra,
             "fit_rows": len(self.fit),
             "eval_rows": len(self.eval),
             "fit_tokens": count(self.fit),
@@ -90,6 +100,11 @@ def _tokenize(rows: list[dict], tokenizer, where: str) -> list[dict]:
             ids = [int(t) for t in row["input_ids"]]
             out.append({**row, "input_ids": ids, "labels": list(row.get("labels", ids))})
             continue
+        if not ("prompt" in row and "completion" in row) and "text" not in row:
+            raise ValueError(
+                f"calibration: {where} row {i} has keys {sorted(row)}; give each row 'prompt' and 'completion', "
+                "'text', or 'input_ids'."
+            )
         if tokenizer is None:
             raise ValueError(
                 f"calibration: {where} row {i} is text, so a tokenizer is needed; pass tokenizer=... (the CLI loads "
@@ -97,14 +112,9 @@ def _tokenize(rows: list[dict], tokenizer, where: str) -> list[dict]:
             )
         if "prompt" in row and "completion" in row:
             out.extend(tokenize_rows([row], tokenizer))
-        elif "text" in row:
+        else:
             ids = encode_text(tokenizer, row["text"])
             out.append({**row, "input_ids": ids, "labels": list(ids)})
-        else:
-            raise ValueError(
-                f"calibration: {where} row {i} has keys {sorted(row)}; give each row 'prompt' and 'completion', "
-                "'text', or 'input_ids'."
-            )
     return out
 
 
@@ -113,14 +123,30 @@ def load_calibration(
     tokenizer=None,
     rows: int = 512,
     pad_id: Optional[int] = None,
+    tasks: Optional[Sequence[str]] = None,
+    vocab_size: Optional[int] = None,
 ) -> Calibration:
-    if calibration is None or calibration == "bundled":
+    bundled = calibration is None or calibration == "bundled"
+    if tasks is not None and not bundled:
+        raise ValueError(
+            f"calibration_tasks={list(tasks)!r} picks bundled tasks, but calibration={calibration!r} gives other rows; "
+            "pass one of them."
+        )
+    if bundled and tokenizer is None and vocab_size is not None and tasks is None:
+        return _random_ids(rows, vocab_size, pad_id)
+    if bundled:
         if tokenizer is None:
             raise ValueError(
                 "calibration: the bundled data is text, so a tokenizer is needed; pass tokenizer=... or your own "
                 "calibration rows with input_ids."
             )
-        source, raw = "bundled", make_samples(rows, tasks=DEFAULT_TASKS, seed=BUNDLED_SEED)
+        tasks = list(DEFAULT_TASKS if tasks is None else tasks)
+        unknown = [t for t in tasks if t not in TASKS]
+        if not tasks or unknown:
+            raise ValueError(
+                f"calibration_tasks={tasks!r} is invalid: name bundled tasks ({sorted(TASKS)}), or leave it unset."
+            )
+        source, raw = "bundled", make_samples(rows, tasks=tasks, seed=BUNDLED_SEED)
     elif isinstance(calibration, (str, os.PathLike)):
         source = os.fspath(calibration)
         if not os.path.isfile(source):
@@ -144,7 +170,28 @@ def load_calibration(
     fit = [r for i, r in enumerate(tokenized) if i % HOLDOUT_EVERY != HOLDOUT_EVERY - 1]
     if pad_id is None:
         pad_id = pad_id_of(tokenizer) if tokenizer is not None else 0
-    return Calibration(source=source, fit=fit, eval=held, pad_id=pad_id)
+    return Calibration(source=source, fit=fit, eval=held, pad_id=pad_id, tasks=tasks if bundled else None)
+
+
+def _random_ids(rows: int, vocab_size: int, pad_id: Optional[int]) -> Calibration:
+    """`rows` rows of RANDOM_LENGTH token ids drawn uniformly from the vocabulary (seeded): what an exact export is
+    measured on when there is no tokenizer for the bundled text. Every token is scored (text rows)."""
+    if rows < HOLDOUT_EVERY:
+        raise ValueError(f"calibration: {rows} rows; give at least {HOLDOUT_EVERY} (every 4th is held out).")
+    g = torch.Generator().manual_seed(BUNDLED_SEED)
+    ids = torch.randint(0, vocab_size, (rows, RANDOM_LENGTH), generator=g).tolist()  # [rows, RANDOM_LENGTH]
+    tokenized = [{"input_ids": r, "labels": list(r)} for r in ids]
+    return Calibration(
+        source="random token ids",
+        fit=[r for i, r in enumerate(tokenized) if i % HOLDOUT_EVERY != HOLDOUT_EVERY - 1],
+        eval=[r for i, r in enumerate(tokenized) if i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1],
+        pad_id=0 if pad_id is None else pad_id,
+        note=(
+            f"no tokenizer for the bundled text: measured on {rows} rows of {RANDOM_LENGTH} token ids drawn uniformly "
+            f"from the vocabulary of {vocab_size} (seed {BUNDLED_SEED}); they show whether the export is exact (KL, "
+            "largest logit difference, top-1 agreement), not how well it models text (perplexity)"
+        ),
+    )
 
 
 def batches(rows: list[dict], pad_id: int, batch_size: int = 16) -> Iterator[dict[str, torch.Tensor]]:
