@@ -369,9 +369,12 @@ def test_cli_merge_writes_the_export_and_reports_errors(saved_base, tmp_path, ca
     assert json.loads((tmp_path / "avg" / "config.json").read_text())["dtype"] == "bfloat16"  # merged in bf16
     calibration = tmp_path / "rows.jsonl"
     calibration.write_text("\n".join(json.dumps({"input_ids": list(range(4, 12 + i))}) for i in range(8)))
+    # --calibration gives the rows: --calibration-rows (the bundled sample count) has no place next to it
+    argv_rows = [a for a in argv if a not in ("--calibration-rows", "16")]
     assert (
         main(
-            argv + ["--strategy", "routing_weighted", "--calibration", str(calibration), "--out", str(tmp_path / "rw")]
+            argv_rows
+            + ["--strategy", "routing_weighted", "--calibration", str(calibration), "--out", str(tmp_path / "rw")]
         )
         == 0
     )
@@ -386,3 +389,141 @@ def test_cli_merge_writes_the_export_and_reports_errors(saved_base, tmp_path, ca
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
     assert main(["merge", str(tmp_path / "adapter"), "--strategy", "average", "--out", str(tmp_path / "d"),
                  "--calibration-rows", "16"]) == 0  # fmt: skip
+
+
+def _saved_adapter(saved_base, path, config):
+    model = randomize(get_peft_model(AutoModelForCausalLM.from_pretrained(saved_base), config))
+    model.save_pretrained(path)
+    return model
+
+
+def test_cli_merge_refuses_options_that_do_not_apply_before_loading(saved_base, tmp_path, capsys, monkeypatch):
+    """Every flag the strategy or the adapter would not use (they were ignored without a word) and every bad value
+    is refused, naming the flag, before any model is loaded."""
+    from moe_peft.apps.cli import main
+
+    mole = tmp_path / "mole"
+    _saved_adapter(saved_base, mole, moe_peft.MoLEConfig(r=4, num_experts=3, target_modules=MLP, task_type="CAUSAL_LM"))
+    mhr = tmp_path / "mhr"
+    _saved_adapter(saved_base, mhr, mhr_config("mhr_det", n_tasks=2, task_type="CAUSAL_LM"))
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("\n".join(json.dumps({"input_ids": [4, 5, 6]}) for _ in range(4)))
+    bad_rows = tmp_path / "bad.jsonl"
+    bad_rows.write_text("\n".join(json.dumps({"tokens": [4, 5, 6]}) for _ in range(4)))
+    (tmp_path / "taken").mkdir()
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the command loaded a model before checking its options")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_loading)
+    cases = [
+        (mole, ["--strategy", "svd", "--lora"], r"--lora applies to --strategy merge.*svd writes a LoRA anyway"),
+        (mole, ["--strategy", "native_moe", "--lora"], r"--lora applies.*native_moe writes a full sparse-MoE"),
+        (mole, ["--strategy", "merge", "--merge"], r"--merge applies to 'average'.*always writes merged weights"),
+        (mole, ["--strategy", "merge", "--rank", "2"], r"--rank applies to 'average'.*merge is exact"),
+        (mole, ["--strategy", "svd", "--rank", "0"], r"--rank 0 is invalid"),
+        (mole, ["--strategy", "svd", "--task-id", "1"], r"--task-id 1 does not apply to .*mole \(a MOLE adapter\)"),
+        (mole, ["--strategy", "svd", "--uniform"], r"--uniform does not apply to .*PHATGOOSE"),
+        (mole, ["--strategy", "svd", "--expert", "e0"], r"--expert e0 does not apply to"),
+        (mole, ["--strategy", "svd", "--calibration", str(rows), "--calibration-rows", "8"],
+         r"--calibration-rows 8 sets how many bundled samples.*drop one"),
+        (mole, ["--strategy", "svd", "--calibration-rows", "2"], r"--calibration-rows 2 is invalid: use at least 4"),
+        (mole, ["--strategy", "svd", "--calibration", str(tmp_path / "missing.jsonl")], r"missing.jsonl is not a file"),
+        (mole, ["--strategy", "svd", "--calibration", str(bad_rows)], r"--calibration .*bad.jsonl: .*row 0 has keys"),
+        (mole, ["--strategy", "svd", "--threads", "0"], r"--threads 0 is invalid"),
+        (mhr, ["--strategy", "merge"], r"routes per task .*: name the task .* with --task-id T"),
+        (mhr, ["--strategy", "merge", "--task-id", "2"], r"--task-id 2 is out of range: .* has 2 tasks, 0\.\.1"),
+    ]  # fmt: skip
+    import re
+
+    for adapter, extra, match in cases:
+        out = tmp_path / "never"
+        assert main(["merge", str(adapter), "--base", str(saved_base), "--out", str(out), *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert re.search(match, err), (extra, err)
+        assert not out.exists()
+    # an existing --out names the flag, not the Python keyword
+    assert (
+        main(["merge", str(mole), "--base", str(saved_base), "--strategy", "svd", "--out", str(tmp_path / "taken")])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "exists; choose another directory, or pass --overwrite" in err and "overwrite=True" not in err
+
+
+def test_export_refuses_options_nothing_uses(base, tmp_path):
+    mole = get_peft_model(base, make_config("mole_block"))
+    for kwargs, match in [
+        (dict(strategy="svd", task_id=0), r"task_id=0 does not apply to this model"),
+        (dict(strategy="svd", phatgoose_routing="uniform"), r"phatgoose_routing='uniform' does not apply"),
+        (dict(strategy="svd", calibration="bundled", calibration_tasks=["rev"]), None),  # allowed: bundled
+        (dict(strategy="svd", calibration=[{"input_ids": [4, 5]}] * 4, calibration_tasks=["rev"]),
+         r"calibration_tasks=\['rev'\] picks bundled tasks, but calibration=.* gives other rows"),
+        (dict(strategy="svd", calibration_tasks=["nope"]), r"calibration_tasks=\['nope'\] is invalid"),
+        (dict(strategy="native_moe", measure_error=False, calibration_tasks=["rev"]),
+         r"calibration_tasks=\['rev'\] is invalid: .*measure_error=False fits and measures nothing"),
+    ]:  # fmt: skip
+        if match is None:
+            assert export(mole, tmp_path / "ok", **kwargs).record["calibration"]["tasks"] == ["rev"]
+            continue
+        with pytest.raises(ValueError, match=match):
+            export(mole, tmp_path / "x", **kwargs)
+        assert not (tmp_path / "x").exists()
+    fresh = lambda: tiny_llama(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_layers=2)  # noqa: E731
+    one = get_peft_model(fresh(), make_config("mole_block", num_experts=1))
+    with pytest.raises(ValueError, match=r"calibration=\[4 rows\] is invalid: .*nothing would use it"):
+        export(one, tmp_path / "x", calibration=[{"input_ids": [4, 5]}] * 4, measure_error=False)
+    mhr = get_peft_model(fresh(), mhr_config("mhr_det", n_tasks=2, task_type="CAUSAL_LM"))
+    with pytest.raises(ValueError, match=r"task_id=2 is out of range: this model has 2 tasks, 0\.\.1"):
+        export(mhr, tmp_path / "x", task_id=2)
+
+
+def test_cli_exact_export_without_a_tokenizer_is_measured_on_token_ids(saved_base, tmp_path, capsys):
+    """No tokenizer next to the base or the adapter: an exact strategy needs no text to show it is exact, so it is
+    measured on token ids drawn from the vocabulary, and the record and the output say so; an approximate one,
+    which must fit on real data, is refused naming --calibration."""
+    from moe_peft.apps.cli import main
+
+    adapter = tmp_path / "one"
+    model = _saved_adapter(saved_base, adapter, make_config("mole_block", num_experts=1, task_type="CAUSAL_LM"))
+    assert (
+        main(["merge", str(adapter), "--strategy", "merge", "--out", str(tmp_path / "m"), "--calibration-rows", "8"])
+        == 0
+    )
+    printed = capsys.readouterr().out
+    record = json.loads((tmp_path / "m" / "moe_peft_export.json").read_text())
+    calibration = record["calibration"]
+    assert calibration["source"] == "random token ids" and "no tokenizer" in calibration["note"]
+    assert calibration["eval_rows"] == 2 and calibration["eval_tokens"] == 2 * 32
+    assert record["measured_error"]["max_abs_logit_diff"] < 1e-4 and record["measured_error"]["positions"] == 64
+    assert "measured on: 2 held-out rows (64 tokens) of random token ids; no tokenizer" in printed
+    # the rows are ids below the base's vocabulary (the routed model runs them)
+    assert model.config.vocab_size == VOCAB
+    assert main(["merge", str(adapter), "--strategy", "svd", "--out", str(tmp_path / "s")]) == 2
+    assert "holds a tokenizer for the bundled tasks (text): pass --calibration FILE" in capsys.readouterr().err
+
+
+def test_cli_measures_on_the_adapters_own_bundled_tasks_or_says_it_cannot(saved_base, tmp_path, capsys):
+    from moe_peft.apps.cli import main
+
+    TOK.save_pretrained(str(saved_base))
+    adapter = tmp_path / "mole"
+    _saved_adapter(
+        saved_base, adapter, moe_peft.MoLEConfig(r=4, num_experts=3, target_modules=MLP, task_type="CAUSAL_LM")
+    )
+    argv = ["merge", str(adapter), "--strategy", "average", "--calibration-rows", "16"]
+    (adapter / "tasks.json").write_text(json.dumps(["dup", "rev"]))  # trained on two bundled tasks (not the default)
+    assert main(argv + ["--out", str(tmp_path / "own")]) == 0
+    record = json.loads((tmp_path / "own" / "moe_peft_export.json").read_text())
+    assert record["calibration"]["tasks"] == ["dup", "rev"]
+    assert sorted(record["measured_error"]["exact_match"]["routed"]) == ["dup", "mean", "rev"]
+    assert "of the bundled tasks dup, rev" in capsys.readouterr().out
+
+    (adapter / "tasks.json").write_text(json.dumps(["support_tickets", "rev"]))  # the user's own data
+    assert main(argv + ["--out", str(tmp_path / "theirs")]) == 0
+    captured = capsys.readouterr()
+    assert "lists tasks ['support_tickets'] that moe-peft does not bundle, so the error is measured on the " \
+           "bundled tasks ['rev', 'srt', 'sft', 'cpy']" in captured.err  # fmt: skip
+    assert "of the bundled tasks rev, srt, sft, cpy" in captured.out
+    record = json.loads((tmp_path / "theirs" / "moe_peft_export.json").read_text())
+    assert record["calibration"]["tasks"] == ["rev", "srt", "sft", "cpy"]

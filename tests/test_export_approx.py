@@ -335,3 +335,99 @@ def test_mixed_adapter_keeps_its_exact_parts_exact(tmp_path):
             )
             checked += 1
     assert checked == 2 * 3  # two parameters in each of the three layers
+
+
+# -- modality groups (MoLEConfig.modality_experts): the routed model needs each token's group ------------------------
+def _grouped(granularity="linear"):
+    base = tiny_llama(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_layers=2)
+    config = moe_peft.MoLEConfig(
+        r=4, top_k=1, modality_experts={"text": 2, "image": 2}, router_granularity=granularity, target_modules=MLP,
+        task_type="CAUSAL_LM",
+    )  # fmt: skip
+    return randomize(get_peft_model(base, config))
+
+
+def _typed_rows(n=16, seed=0):
+    """input_ids rows with each token's modality group (0 text, 1 image), of varied lengths (padding in batches)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        length = 5 + i % 4
+        rows.append(
+            {
+                "input_ids": torch.randint(4, VOCAB, (length,), generator=g).tolist(),
+                "token_types": torch.randint(0, 2, (length,), generator=g).tolist(),
+            }
+        )
+    return rows
+
+
+def test_modality_groups_without_token_types_are_refused_naming_the_fix(tmp_path):
+    model = _grouped()
+    for strategy in ("average", "routing_weighted", "svd"):
+        with pytest.raises(ValueError, match=r"modality_experts.*calibration data \(bundled\) does not carry.*"
+                                             r"token_types \(one group index per token, 0\.\.1 in the order"):  # fmt: skip
+            export(model, tmp_path / strategy, strategy)
+        assert not (tmp_path / strategy).exists()
+    untyped = [{"input_ids": r["input_ids"]} for r in _typed_rows()]
+    with pytest.raises(ValueError, match="give them on every row"):
+        export(model, tmp_path / "half", "svd", calibration=untyped[:8] + _typed_rows()[8:])
+    with pytest.raises(ValueError, match="row 0 has token_types but no input_ids"):
+        export(model, tmp_path / "text", "svd", calibration=[{"text": "ab", "token_types": [0, 1]}] * 4)
+    with pytest.raises(ValueError, match="row 0 has 2 token_types for 3 input_ids"):
+        export(model, tmp_path / "short", "svd", calibration=[{"input_ids": [5, 6, 7], "token_types": [0, 1]}] * 4)
+
+
+def test_modality_groups_fit_and_measure_with_the_rows_token_types(tmp_path):
+    """routing_weighted: c_e is each expert's share of the fit tokens routed within their groups (linear routers,
+    which the collector routes as the layer does); the measured error is the routed model run with token_types
+    against the export, by hand; the record counts each group's tokens."""
+    model = _grouped()
+    rows = _typed_rows()
+    result = export(model, tmp_path / "rw", "routing_weighted", calibration=rows)
+    calib = load_calibration(rows, None)
+    fit = next(batches(calib.fit, calib.pad_id, batch_size=len(calib.fit)))
+    with torch.no_grad():
+        model(input_ids=fit["input_ids"], attention_mask=fit["attention_mask"], token_types=fit["token_types"])
+    stats = moe_peft.routing_stats(model)
+    for name in ("model.layers.0.mlp.gate_proj", "model.layers.1.mlp.down_proj"):
+        assert stats[f"{name}[default]"]["tokens"] == int(fit["attention_mask"].sum())
+        load = torch.tensor(stats[f"{name}[default]"]["load"], dtype=torch.float64)  # top-1: the pick share
+        a, b, s = experts_of(model, name)
+        want = sum(load[e] * s * (b[e].double() @ a[e].double()) for e in range(a.shape[0]))
+        torch.testing.assert_close(lora_delta(result.model, name).double(), want, rtol=1e-5, atol=1e-6)
+
+    held = next(batches(calib.eval, calib.pad_id, batch_size=len(calib.eval)))
+    mask = held["attention_mask"].bool()
+    with torch.no_grad():
+        routed_logits = model(input_ids=held["input_ids"], attention_mask=held["attention_mask"],
+                              token_types=held["token_types"]).logits  # fmt: skip
+        export_logits = result.model(input_ids=held["input_ids"], attention_mask=held["attention_mask"]).logits
+    want_diff = float((routed_logits.double() - export_logits.double()).abs()[mask].max())
+    record = result.record
+    assert record["measured_error"]["max_abs_logit_diff"] == pytest.approx(want_diff, rel=1e-6)
+    assert record["calibration"]["token_types"] is True
+    types = [t for r in calib.eval for t in r["token_types"]]
+    assert record["calibration"]["modality_tokens"]["eval"] == {"text": types.count(0), "image": types.count(1)}
+    assert "exact_match" not in record["measured_error"]  # generation would need each token's modality
+
+    for strategy in ("average", "svd"):  # the other approximations run on the same rows
+        assert export(model, tmp_path / strategy, strategy, calibration=rows).record["measured_error"]["positions"]
+
+
+def test_a_llava_model_takes_the_modality_from_its_image_tokens_and_says_what_was_measured(tmp_path, capsys):
+    """On a LLaVA-family model the image tokens give the modality; text-only calibration rows measure no image
+    token, which the record and the printed summary say."""
+    from moe_peft.bases import tiny_llava
+
+    config = moe_peft.MoLEConfig(
+        r=2,
+        modality_experts={"text": 2, "image": 2},
+        target_modules=r".*language_model.*\.(gate_proj|up_proj|down_proj)",
+    )
+    model = randomize(get_peft_model(tiny_llava(), config))
+    rows = [{"input_ids": list(range(5, 12 + i % 3))} for i in range(8)]
+    result = moe_peft.export(model, "average", tmp_path / "avg", rows, verbose=True)
+    held = sum(len(r["input_ids"]) for r in rows[3::4])
+    assert result.record["calibration"]["modality_tokens"]["eval"] == {"text": held, "image": 0}
+    assert f"modality groups of the held-out tokens: text {held}, image 0 (no image token" in capsys.readouterr().out

@@ -152,6 +152,22 @@ def test_what_no_stock_layout_expresses_is_refused_by_name(config, match, tmp_pa
     assert not (tmp_path / "x").exists()
 
 
+def test_modality_groups_are_refused_with_the_reason_measured_or_not(tmp_path):
+    """Modality groups keep image tokens off the text experts; a stock router sees only the hidden state and cannot.
+    Refused from the config, before any measurement (measure_error=False used to record a wrong export as exact),
+    and the refusals of 'merge' and merge_and_unload say why native_moe does not apply."""
+    model = routed_model("llama", modality_experts={"text": 2, "image": 2})
+    reason = r"modality_experts=\{'text': 2, 'image': 2\} routes each token only among the experts of its modality"
+    for measure in (False, True):
+        with pytest.raises(moe_peft.NativeMoEError, match=reason + ".*image token to a text expert"):
+            export(model, tmp_path, f"x{measure}", measure_error=measure)
+        assert not (tmp_path / f"x{measure}").exists()
+    with pytest.raises(ValueError, match="'native_moe' does not apply: MoLE 'default': " + reason):
+        moe_peft.export(model, "merge", tmp_path / "m", measure_error=False, verbose=False)
+    with pytest.raises(ValueError, match="'native_moe' does not apply: " + reason):
+        model.merge_and_unload()
+
+
 def test_a_trained_router_bias_is_refused_and_a_zero_one_is_not(tmp_path):
     model = routed_model("llama", router_bias=True)  # the bias starts at zero: shift-invariant, exact
     assert export(model, tmp_path, "zero").record["exact"]

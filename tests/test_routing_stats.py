@@ -202,7 +202,8 @@ def test_collect_phatgoose_matches_the_layers_own_load(tmp_path):
             LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
         )
         moe_peft.phatgoose.save_gates(
-            {n: torch.randn(32) for n in moe_peft.tuners.phatgoose.gates.lora_layers(expert, "default")}, tmp_path / f"e{i}"
+            {n: torch.randn(32) for n in moe_peft.tuners.phatgoose.gates.lora_layers(expert, "default")},
+            tmp_path / f"e{i}",
         )
         expert.save_pretrained(tmp_path / f"e{i}")
         dirs.append(tmp_path / f"e{i}")
@@ -433,3 +434,69 @@ def test_probe_sums_over_data_parallel_ranks(tmp_path):
     assert forwards == 1 and totals.keys() == alone.keys()
     for name in totals:
         assert torch.equal(totals[name].counts, alone[name].counts)
+
+
+# -- mixed batches (moe_peft.multi_lora): each router sees only its adapter's rows ------------------------------------
+def _mixed_model():
+    """Four MoLE adapters that route differently: block, linear top-2 (attention too), null experts, modality groups."""
+    from .conftest import make_config, randomize_experts
+
+    model = get_peft_model(_base_for_mixed(), make_config("mole_block"), adapter_name="block")
+    model.add_adapter("linear", make_config("mole_linear_top2"))
+    model.add_adapter("null", make_config("mole_null"))
+    model.add_adapter("groups", moe_peft.MoLEConfig(r=4, modality_experts={"text": 2, "image": 2}, target_modules=MLP))
+    randomize_experts(model, std=0.2)
+    with torch.no_grad():  # sharp routers: the samples spread over the experts
+        for name, p in model.named_parameters():
+            if "mole_router" in name and name.endswith("weight"):
+                p.mul_(8)
+    return model.eval()
+
+
+def _base_for_mixed():
+    return tiny_llama(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_layers=2, seed=0)
+
+
+def test_probe_on_a_mixed_batch_equals_each_adapter_alone_on_its_rows():
+    """A router of a mixed batch routes only its adapter's rows (b_a x S tokens, not B x S): the probe must count
+    those rows' real tokens only and give each to its own sample's group. Oracle: the adapter active alone on its
+    rows (same inputs, padding, token modality and sample groups): every total equal."""
+    from moe_peft import multi_lora
+
+    model = _mixed_model()
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(4, VOCAB, (7, 6), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding in a "block" row, right padding in a "groups" row, one padded "linear" row
+    mask[3, 4:] = 0
+    mask[5, :1] = 0
+    names = ["block", "linear", "groups", "groups", "null", "linear", "block"]
+    token_types = torch.randint(0, 2, ids.shape, generator=g)  # [B, S] text / image per token
+    sample_groups = torch.tensor([0, 1, 1, 0, 1, 0, 1])  # what collect(by=...) sets: one group per sample
+
+    multi_lora.enable(model)
+    probe = RoutingProbe(model)
+    probe.num_groups, probe.groups = 2, sample_groups
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, token_types=token_types, adapter_names=names)
+    mixed, _, _ = probe.take()
+    probe.remove()
+
+    for adapter in dict.fromkeys(names):
+        rows = torch.tensor([i for i, n in enumerate(names) if n == adapter])
+        model.set_adapter(adapter)
+        probe = RoutingProbe(model)
+        probe.num_groups, probe.groups = 2, sample_groups[rows]
+        with torch.no_grad():
+            model(input_ids=ids[rows], attention_mask=mask[rows], token_types=token_types[rows])
+        alone, _, _ = probe.take()
+        probe.remove()
+        labels = [label for label in alone if label.endswith(f"[{adapter}]")]
+        assert labels and labels == list(alone), (adapter, list(alone))
+        for label in labels:
+            got, want = mixed[label], alone[label]
+            # the real tokens of the adapter's rows, split by their samples' groups: the hand count
+            tokens = [float(mask[rows][sample_groups[rows] == grp].sum()) for grp in range(2)]
+            assert want.tokens.tolist() == tokens, label
+            for field in ("counts", "tokens", "picks", "slots", "null", "entropy_sum", "entropy_rows"):
+                torch.testing.assert_close(getattr(got, field), getattr(want, field), msg=f"{label} {field}")

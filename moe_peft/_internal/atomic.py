@@ -23,6 +23,13 @@ process killed mid-write leaves only that sibling, which no loader is pointed at
      `adapter_config.json` is moved in last: the commit point. At every instant the directory holds the complete old
      adapter, no config (PEFT refuses it), or the complete new adapter.
   `atomic_file` does the same for one file (PHATGOOSE's gate files).
+
+File modes: the temporary directory and files are created private (mkdtemp / mkstemp: 0700 / 0600), and
+safetensors >= 0.8 writes its files 0600 whatever the umask (it writes through a temporary file of its own,
+safetensors#782). A rename keeps those modes, so before publishing, everything written is given the modes a plain
+`open()` / `os.makedirs` gives under the process umask: files 0o666 & ~umask, directories 0o777 & ~umask (a server
+running as another user can read what the umask lets it read). A file that replaces an existing one keeps the
+existing file's mode, as writing over it in place would.
 """
 
 from __future__ import annotations
@@ -32,12 +39,53 @@ import functools
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 PathLike = Union[str, os.PathLike]
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where the system reports it (Linux: /proc/self/status), else set
+    and restored at once (os.umask can only be read by setting it)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def plain_modes() -> tuple[int, int]:
+    """(file mode, directory mode) that `open(path, "w")` and `os.makedirs(path)` give a new path under the umask."""
+    mask = _umask()
+    return 0o666 & ~mask, 0o777 & ~mask
+
+
+def _share(path: str, mode: int, replaces: Optional[str] = None) -> None:
+    """Give `path` the mode `mode`, or the mode of the existing file `replaces` it will be renamed onto."""
+    if replaces is not None:
+        with contextlib.suppress(FileNotFoundError):
+            mode = stat.S_IMODE(os.stat(replaces).st_mode)
+    os.chmod(path, mode)
+
+
+def _share_tree(root: str) -> None:
+    """Plain modes (plain_modes) for `root` and every file and directory under it."""
+    file_mode, dir_mode = plain_modes()
+    for dirpath, _, filenames in os.walk(root):
+        os.chmod(dirpath, dir_mode)
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                os.chmod(path, file_mode)
 
 
 def _fsync_tree(root: str) -> None:
@@ -71,6 +119,7 @@ def atomic_directory(path: PathLike, overwrite: bool = False) -> Iterator[str]:
     old = None
     try:
         yield tmp
+        _share_tree(tmp)  # mkdtemp made it 0700: a rename would publish it private
         _fsync_tree(tmp)
         if os.path.exists(path):
             old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
@@ -96,11 +145,14 @@ def write_json(path: PathLike, data: Any) -> None:
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
+        _share(tmp, plain_modes()[0], replaces=path)  # mkstemp made it 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
 CONFIG_NAME = "adapter_config.json"
 _ATOMIC_TYPES: set[str] = set()
 
@@ -114,7 +166,9 @@ def _fsync(path: str) -> None:
 
 
 def publish(tmp: str, dest: str) -> None:
-    """Move a fully written adapter directory `tmp` into `dest`, each adapter's config last (module docstring)."""
+    """Move a fully written adapter directory `tmp` into `dest`, each adapter's config last (module docstring).
+    Directories it creates get the plain mode, moved files the plain mode or that of the file they replace."""
+    file_mode = plain_modes()[0]
     for dirpath, _, filenames in os.walk(tmp):
         for name in filenames:
             _fsync(os.path.join(dirpath, name))
@@ -123,12 +177,16 @@ def publish(tmp: str, dest: str) -> None:
         target = os.path.normpath(os.path.join(dest, os.path.relpath(dirpath, tmp)))
         os.makedirs(target, exist_ok=True)
         if CONFIG_NAME in filenames:
+            source, old = os.path.join(dirpath, CONFIG_NAME), os.path.join(target, CONFIG_NAME)
+            _share(source, file_mode, replaces=old)  # the old config's mode, read before it is withdrawn
             with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(target, CONFIG_NAME))  # withdraw the old adapter before touching its files
-            configs.append((os.path.join(dirpath, CONFIG_NAME), os.path.join(target, CONFIG_NAME)))
+                os.remove(old)  # withdraw the old adapter before touching its files
+            configs.append((source, old))
         for name in filenames:
             if name != CONFIG_NAME:
-                os.replace(os.path.join(dirpath, name), os.path.join(target, name))
+                source, moved = os.path.join(dirpath, name), os.path.join(target, name)
+                _share(source, file_mode, replaces=moved)  # safetensors writes 0600 (module docstring)
+                os.replace(source, moved)
         _fsync(target)
     for source, target in configs:  # the commit points
         os.replace(source, target)
@@ -186,6 +244,7 @@ def atomic_file(path: Union[str, os.PathLike]) -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
+        _share(tmp, plain_modes()[0], replaces=path)  # mkstemp made it 0600
         _fsync(tmp)
         os.replace(tmp, path)
     finally:

@@ -72,7 +72,7 @@ class Collector:
             x = args[0]
             lead = x.shape[:-1]
             x = x.detach().reshape(-1, x.shape[-1])  # [..., in] -> [T, in]
-            idx, weights = part.route(x, lead[0] if len(lead) > 1 else 1)  # [T, k] each
+            idx, weights = part.route(x, lead)  # [T, k] each
             idx, weights = idx.detach(), weights.detach().double()
             if self.mask is not None and tuple(self.mask.shape) == tuple(lead):
                 keep = self.mask.reshape(-1).bool().to(x.device)  # [T]

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..tuners.roma.reference import exact_match_success
-from .calibration import Calibration, batches
+from .calibration import Calibration, batches, routed_inputs
 
 Extra = Optional[Callable[[int], dict]]  # batch size -> extra forward/generate keywords (MHR's task_ids)
 
@@ -38,8 +38,9 @@ def compare_logits(routed: nn.Module, export: nn.Module, calibration: Calibratio
     for batch in batches(calibration.eval, calibration.pad_id):
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         kw = extra(batch["input_ids"].shape[0]) if extra is not None else {}
+        kw.update(routed_inputs(batch))  # token_types: the exported model has no modality routing
         logits = {
-            "routed": routed(**{k: v.to(_device(routed)) for k, v in inputs.items()}, **kw).logits,
+            "routed": routed(**{k: v.to(_device(routed)) for k, v in {**inputs, **kw}.items()}).logits,
             "export": export(**{k: v.to(_device(export)) for k, v in inputs.items()}).logits,
         }
         logits = {k: v.double().cpu() for k, v in logits.items()}  # [B, S, V]

@@ -34,6 +34,7 @@ from ..tuners.routed.config import MoELoraConfig, SMoRAConfig
 from ..tuners.routed.experts.layer import MoELoraExperts
 from ..tuners.routed.layer import MoELoraLinear
 from ..tuners.routed.methods import is_mergeable
+from ..tuners.routed.methods import route as route_tokens
 
 Factors = tuple[torch.Tensor, torch.Tensor]  # (A [r, in], B [out, r]), the scaling folded into B
 
@@ -73,7 +74,8 @@ class RoutedLinear:
     lora_B: torch.Tensor  # [E, out, r]
     scale: torch.Tensor  # [E], each expert's LoRA scaling
     weight_total: float  # what a token's routing weights sum to (SMoRA: top_k; the others: 1)
-    route: Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]  # x [T, in], batch -> idx, weights [T, k]
+    # (x [T, in], the layer input's leading shape, e.g. [B, S]) -> idx, weights [T, k], as the layer routed x
+    route: Callable[[torch.Tensor, torch.Size], tuple[torch.Tensor, torch.Tensor]]
     block: Optional[str] = None  # the parent block whose router this layer shares (router_granularity="block")
     router: Optional[nn.Module] = None  # the router module deciding this layer's experts
 
@@ -199,9 +201,9 @@ def _moe_linear(name: str, layer: MoELoraLinear, parts: Parts) -> None:
             owner = layer._router_owner[adapter]
             block = name.rpartition(".")[0]
 
-        def route(x, batch, layer=layer, adapter=adapter, owner=owner):
-            if owner is None:
-                routing = layer.routers[adapter](x)
+        def route(x, lead, layer=layer, adapter=adapter, owner=owner):
+            if owner is None:  # as the layer routes: with modality groups, each token within its group
+                routing = route_tokens(layer.configs[adapter], layer.routers[adapter], x, lead, layer._routing_ctx)
             else:  # the block's routing of this forward, computed by its pre-hook before this layer ran
                 routing = owner._block_routing[adapter]
             return routing.idx, routing.weights
@@ -291,7 +293,10 @@ def _phatgoose(name: str, layer: PhatgooseLinear, parts: Parts, options: Options
                         lora_B=b,
                         scale=scale,
                         weight_total=1.0,
-                        route=lambda x, batch, layer=layer, adapter=adapter: layer.route(adapter, x, batch),
+                        # the PHATGOOSE layer routes by batch size
+                        route=lambda x, lead, layer=layer, adapter=adapter: layer.route(
+                            adapter, x, lead[0] if len(lead) > 1 else 1
+                        ),
                     )
                 )
                 continue

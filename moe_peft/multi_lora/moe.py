@@ -83,7 +83,12 @@ def _route(
         return plain_routing(x_a.shape[0] * x_a.shape[1], x_a.device), None
     ctx = _sub_context(layer._routing_ctx, rows, x3.shape[0])
     x_flat = x_a.reshape(-1, x_a.shape[-1])  # [b_a, S, in] -> [b_a*S, in]
-    routing = route(layer.configs[adapter], layer.routers[adapter], x_flat, lead_shape, ctx)  # idx, w [b_a*S, k_a]
+    # the router's hooks (the statistics probe) read which rows of the batch its b_a*S tokens come from
+    layer._routing_ctx.router_rows = rows
+    try:
+        routing = route(layer.configs[adapter], layer.routers[adapter], x_flat, lead_shape, ctx)  # idx, w [b_a*S, k_a]
+    finally:
+        layer._routing_ctx.router_rows = None
     num_experts = layer.experts_A[adapter].shape[0]
     loss, record = router_loss_and_stats(
         layer.configs[adapter], routing, lead_shape, ctx, num_experts, layer.training, layer.module_name

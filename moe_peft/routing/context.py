@@ -48,6 +48,10 @@ class RoutingContext:
         # per-sample adapters of a mixed batch (`adapter_names`), set by moe_peft.multi_lora's root pre-hook; while
         # it is set, the routed layers hand their forward to the mixed-batch hook (`mixed_batch_hook`)
         self.adapter_selection = None
+        # while a mixed batch runs one adapter's router on that adapter's samples only: those rows of the batch [b_a]
+        # (long), so that what reads the router's [b_a * S] decisions (moe_peft.stats' probe) finds their padding and
+        # their samples; None: the router sees every row of the batch
+        self.router_rows: Optional[torch.Tensor] = None
         # token modality for modality expert groups (MoLEConfig.modality_experts), for this forward's input
         # positions: user-given group indices (`token_types`, -1 = a token generate() added: text), or the image
         # tokens of a LLaVA-family model's input_ids

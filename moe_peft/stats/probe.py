@@ -34,6 +34,9 @@ class Decision:
     dense: bool = False  # every row mixes all experts: load = mean weight, not pick share
     null_slots: bool = False  # -1 means a null expert (AdaMoE), not a top-p cut-off
     per_sample: bool = False  # rows are samples (MHR routes per task), not tokens
+    # the samples of the batch the N rows come from, [b] long, when the router saw only some of them (a mixed batch
+    # routes each adapter on its own samples: N = b x S); None: every sample of the batch
+    samples: Optional[torch.Tensor] = None
 
 
 Reader = Callable[[nn.Module, tuple, Any], Optional[Decision]]
@@ -56,14 +59,17 @@ def _moe_lora_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, Reader]
             null = getattr(config, "num_null_experts", 0) > 0
             sigmoid = isinstance(router, SMoRARouter)
 
-            def read(module, inputs, routing, num_experts=num_experts, null=null, sigmoid=sigmoid):
+            def read(module, inputs, routing, num_experts=num_experts, null=null, sigmoid=sigmoid, layer=layer):
                 probs = routing.probs
                 if sigmoid:  # independent scores: normalize to a distribution for the entropy
                     probs = probs / probs.sum(-1, keepdim=True).clamp_min(1e-12)
                 dense = isinstance(module, DenseRouter) or (
                     not module.training and getattr(module, "eval_routing", "topk") == "dense"
                 )
-                return Decision(routing.idx, num_experts, routing.weights, probs, dense=dense, null_slots=null)
+                samples = layer._routing_ctx.router_rows  # set while a mixed batch routes one adapter's samples
+                return Decision(
+                    routing.idx, num_experts, routing.weights, probs, dense=dense, null_slots=null, samples=samples
+                )
 
             yield label, router, read
 
@@ -224,6 +230,12 @@ class RoutingProbe:
         """Per row: the padding mask [N] float (None: every row counts) and the group [N] long."""
         rows, device = decision.idx.shape[0], decision.idx.device
         shape, mask = self._shape, self._mask
+        samples = decision.samples  # [b] the batch rows a mixed batch's router saw, None: all of them
+        if samples is not None and shape is not None:
+            samples = samples.to(device)
+            shape = (samples.numel(), shape[1])  # the router's tokens are [b, S] (b of the batch's B rows)
+            if mask is not None and mask.shape[0] == self._shape[0]:
+                mask = mask.index_select(0, samples.to(mask.device))  # [B, S] -> [b, S]
         if decision.per_sample or shape is None or rows != shape[0] * shape[1]:
             # rows are samples (MHR), or the layer saw another layout: no padding mask; samples by position
             keep = None
@@ -236,6 +248,8 @@ class RoutingProbe:
             sample = torch.arange(rows, device=device) // shape[1]  # token -> its sample
         if self.groups is None:
             return keep, torch.zeros(rows, dtype=torch.long, device=device)
+        if samples is not None:
+            sample = samples[sample.clamp(max=samples.numel() - 1)]  # the router's row -> the batch's sample
         groups = self.groups.to(device)
         return keep, groups[sample.clamp(max=groups.shape[0] - 1)]  # [N]
 

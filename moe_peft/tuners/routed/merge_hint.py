@@ -35,6 +35,13 @@ def method_problem(config) -> str | None:
         )
     if config.eval_routing != "topk":
         return "eval_routing='dense' mixes every expert by its probability inside each projection at inference"
+    if getattr(config, "modality_experts", None):
+        groups = dict(config.modality_experts)
+        return (
+            f"modality_experts={groups} routes each token only among the experts of its modality group (from "
+            "token_types or a LLaVA model's image tokens), while a stock sparse-MoE router sees only the hidden "
+            "state and may send an image token to a text expert"
+        )
     return None
 
 
