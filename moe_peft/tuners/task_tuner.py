@@ -13,11 +13,11 @@ from peft import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
-from .._internal.state_dict import FullStateDictKeys
+from .._internal.state_dict import AdapterNameKeys, FullStateDictKeys
 from ..routing.tasks import TaskIds
 
 
-class TaskIdsTuner(FullStateDictKeys, BaseTuner):
+class TaskIdsTuner(AdapterNameKeys, FullStateDictKeys, BaseTuner):
     @property
     def task_state(self) -> TaskIds:
         state = self.__dict__.get("_task_state")
