@@ -14,10 +14,11 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from .._internal.state_dict import AdapterNameKeys, FullStateDictKeys
+from .._internal.targets import TargetCheck
 from ..routing.tasks import TaskIds
 
 
-class TaskIdsTuner(AdapterNameKeys, FullStateDictKeys, BaseTuner):
+class TaskIdsTuner(AdapterNameKeys, FullStateDictKeys, TargetCheck, BaseTuner):
     @property
     def task_state(self) -> TaskIds:
         state = self.__dict__.get("_task_state")
