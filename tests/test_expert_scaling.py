@@ -128,6 +128,69 @@ def test_saved_scaling_reloads_and_a_config_saved_before_the_field_existed_keeps
     assert old.peft_config["default"].scaling == config.lora_alpha / config.r  # no gate spread
 
 
+def test_a_config_saved_without_expert_scaling_has_plain_scaling_on_every_loading_path(base, batch, tmp_path):
+    """An adapter_config.json from before the field existed (every expert scaled by lora_alpha / r) reloads with
+    "lora" however it is read: PeftConfig.from_pretrained once gave LoRAMoE's new default "sqrt_gate", and a model
+    loaded with that config scaled the experts by sqrt(E). Oracle: the same weights with expert_scaling="lora" set."""
+    from peft import AutoPeftModelForCausalLM, PeftConfig
+    from transformers import AutoModelForCausalLM
+
+    base.save_pretrained(tmp_path / "base")
+
+    def load_base():
+        return AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+
+    @torch.no_grad()
+    def logits(model, adapter=None):
+        if adapter is not None:
+            model.set_adapter(adapter)
+        return model.eval()(**inputs).logits
+
+    config = moe_peft.LoRAMoEConfig(r=4, num_experts=4, target_modules=MLP, expert_scaling="lora")
+    model = get_peft_model(load_base(), config)  # records base_model_name_or_path, for AutoPeftModel
+    randomize_experts(model)
+    want = logits(model)
+    model.save_pretrained(tmp_path / "a")
+    path = tmp_path / "a" / "adapter_config.json"
+    saved = json.loads(path.read_text())
+    del saved["expert_scaling"]
+    path.write_text(json.dumps(saved))
+    adapter = str(tmp_path / "a")
+
+    configs = {
+        "PeftConfig.from_pretrained": PeftConfig.from_pretrained(adapter),
+        "LoRAMoEConfig.from_pretrained": moe_peft.LoRAMoEConfig.from_pretrained(adapter),
+        "PeftConfig.from_peft_type": PeftConfig.from_peft_type(**saved),
+    }
+    for how, loaded in configs.items():
+        assert isinstance(loaded, moe_peft.LoRAMoEConfig), how
+        assert (loaded.expert_scaling, loaded.scaling) == ("lora", config.lora_alpha / config.r), how
+    # a new config still gets LoRAMoE's default, and that default would change these logits
+    assert moe_peft.LoRAMoEConfig().expert_scaling == "sqrt_gate"
+    sqrt_gate = moe_peft.LoRAMoEConfig(**{k: v for k, v in saved.items() if k != "peft_type"})
+    assert sqrt_gate.expert_scaling == "sqrt_gate"
+    assert (logits(PeftModel.from_pretrained(load_base(), adapter, config=sqrt_gate)) - want).abs().max() > 1e-2
+
+    models = {
+        "PeftModel.from_pretrained": PeftModel.from_pretrained(load_base(), adapter),
+        "PeftModel.from_pretrained(config=PeftConfig.from_pretrained)": PeftModel.from_pretrained(
+            load_base(), adapter, config=PeftConfig.from_pretrained(adapter)
+        ),
+        "PeftModel.from_pretrained(config=LoRAMoEConfig.from_pretrained)": PeftModel.from_pretrained(
+            load_base(), adapter, config=moe_peft.LoRAMoEConfig.from_pretrained(adapter)
+        ),
+        "AutoPeftModelForCausalLM.from_pretrained": AutoPeftModelForCausalLM.from_pretrained(adapter),
+    }
+    for how, loaded in models.items():
+        torch.testing.assert_close(logits(loaded), want, msg=how)
+    two = PeftModel.from_pretrained(load_base(), adapter)
+    two.load_adapter(adapter, adapter_name="second")
+    assert two.peft_config["second"].expert_scaling == "lora"
+    torch.testing.assert_close(logits(two, "second"), want, msg="load_adapter")
+
+
 def test_bad_expert_scaling_values_raise_naming_the_field():
     with pytest.raises(ValueError, match="expert_scaling='full'"):
         moe_peft.MoLEConfig(r=4, target_modules=MLP, expert_scaling="full")

@@ -13,11 +13,12 @@ from peft import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
-from .._internal.state_dict import FullStateDictKeys
+from .._internal.state_dict import AdapterNameKeys, FullStateDictKeys
+from .._internal.targets import TargetCheck
 from ..routing.tasks import TaskIds
 
 
-class TaskIdsTuner(FullStateDictKeys, BaseTuner):
+class TaskIdsTuner(AdapterNameKeys, FullStateDictKeys, TargetCheck, BaseTuner):
     @property
     def task_state(self) -> TaskIds:
         state = self.__dict__.get("_task_state")

@@ -10,7 +10,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
-from ..._internal.state_dict import FullStateDictKeys
+from ..._internal.state_dict import AdapterNameKeys, FullStateDictKeys
 from .capture import RoutingCapture
 from .config import RoMAConfig
 from .layer import RoMARouterLayer
@@ -44,7 +44,7 @@ def _input_requires_grad(module: nn.Module, args: tuple):
     return (hidden.detach().requires_grad_(), *args[1:])
 
 
-class RoMAModel(FullStateDictKeys, BaseTuner):
+class RoMAModel(AdapterNameKeys, FullStateDictKeys, BaseTuner):
     prefix = "roma_"
     tuner_layer_cls = RoMARouterLayer
     target_module_mapping = {k: [v[0]] for k, v in SUPPORTED_ARCHITECTURES.items()}  # informative; see targets.py

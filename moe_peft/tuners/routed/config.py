@@ -137,7 +137,10 @@ class MoELoraConfig(ConfigFile):
             multiply that by c or sqrt(c), c being the number of experts a token's gate weights are spread over when
             routing is uniform (`gate_spread()`: LoRAMoE num_experts, renormalized top-k top_k, top-1 and top-p 1).
             A softmax gate gives each expert about 1/c of its delta, so at the usual lora_alpha = 2r a mixture learns
-            more slowly than LoRA; docs/quality.md has the measurements behind each method's default.
+            more slowly than LoRA; docs/quality.md has the measurements behind each method's default. None (the
+            default) resolves to the method's default ("sqrt_gate" for LoRAMoE, "lora" otherwise) for a new config,
+            and to "lora" for a saved adapter_config.json without the key (it predates the field, when every expert
+            was scaled by lora_alpha / r), on every loading path.
         kernel_backend: how the experts are applied (`moe_peft.ops.apply_lora_experts`): "auto" (Triton
             kernels on CUDA, the torch path elsewhere), "torch", "triton", or a specific path; a runtime
             choice that does not change the numbers beyond floating-point rounding.
@@ -172,9 +175,12 @@ class MoELoraConfig(ConfigFile):
         default="linear", metadata={"help": "'linear': a router per adapted linear; 'block': one per parent block."}
     )
     init_lora_weights: bool = field(default=True, metadata={"help": "B = 0 at init (adapter starts as a no-op)."})
-    expert_scaling: Literal["lora", "sqrt_gate", "gate"] = field(
-        default="lora",
-        metadata={"help": "'lora': lora_alpha / r; 'gate' / 'sqrt_gate': times c / sqrt(c) (gate spread)."},
+    expert_scaling: Optional[Literal["lora", "sqrt_gate", "gate"]] = field(
+        default=None,
+        metadata={
+            "help": "'lora': lora_alpha / r; 'gate' / 'sqrt_gate': times c / sqrt(c) (gate spread); None: the "
+            "method's default ('lora'; LoRAMoE 'sqrt_gate')."
+        },
     )
     kernel_backend: str = field(
         default="auto", metadata={"help": "apply_lora_experts backend: 'auto', 'torch', 'triton', ..."}
@@ -182,8 +188,17 @@ class MoELoraConfig(ConfigFile):
 
     # the PeftType name this config registers as; set by each subclass
     _method = "MOELORA"
+    # what expert_scaling=None means for a new config of this method
+    _default_expert_scaling = "lora"
 
     def __post_init__(self):
+        if self.expert_scaling is None:
+            # PEFT builds a config from a saved adapter_config.json by calling the class with every saved key,
+            # peft_type included (PeftConfig.from_pretrained, PeftModel.from_pretrained, load_adapter, AutoPeftModel
+            # all end in that call); a user's new config has none. A saved config without expert_scaling predates the
+            # field, when every method scaled its experts by lora_alpha / r: it reloads exactly as trained.
+            saved = self.peft_type is not None
+            self.expert_scaling = "lora" if saved else self._default_expert_scaling
         super().__post_init__()
         self.peft_type = ensure_peft_type(self._method)
         if isinstance(self.target_modules, list):
@@ -191,13 +206,6 @@ class MoELoraConfig(ConfigFile):
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
         self._validate()
-
-    @classmethod
-    def check_kwargs(cls, **kwargs):
-        # a config saved before expert_scaling existed was scaled by lora_alpha / r: it reloads exactly as trained
-        kwargs = super().check_kwargs(**kwargs)
-        kwargs.setdefault("expert_scaling", "lora")
-        return kwargs
 
     @property
     def scaling(self) -> float:
@@ -436,8 +444,9 @@ class LoRAMoEConfig(MoELoraConfig):
     # the dense softmax gate ~1/E leaves the experts' update too small to learn the substitution tasks). The released
     # recipe is lora_alpha=32, expert_scaling="lora" (scaling 8 at r=4, E=8).
     lora_alpha: float = field(default=8.0, metadata={"help": "2r; released: 32 with expert_scaling='lora'."})
-    expert_scaling: Literal["lora", "sqrt_gate", "gate"] = field(
-        default="sqrt_gate", metadata={"help": "LoRAMoE: 'sqrt_gate' (lora_alpha / r * sqrt(num_experts))."}
+    expert_scaling: Optional[Literal["lora", "sqrt_gate", "gate"]] = field(
+        default=None,
+        metadata={"help": "LoRAMoE: None means 'sqrt_gate' (lora_alpha / r * sqrt(num_experts))."},
     )
     router_aux_loss_coef: float = field(default=0.0, metadata={"help": "Switch balance loss (off: LoRAMoE uses LBC)."})
     blc_alpha: float = field(default=0.1, metadata={"help": "LBC delta."})
@@ -447,6 +456,7 @@ class LoRAMoEConfig(MoELoraConfig):
     )
 
     _method = "LORAMOE"
+    _default_expert_scaling = "sqrt_gate"
 
     def gate_spread(self) -> int:
         return self.num_experts  # a dense softmax over every expert

@@ -16,7 +16,8 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..._internal.accumulation import label_share
 from ..._internal.quantized import refuse_quantized_merge
-from ..._internal.state_dict import FullStateDictKeys
+from ..._internal.state_dict import AdapterNameKeys, FullStateDictKeys
+from ..._internal.targets import TargetCheck
 from ...routing.context import RoutingContext, attach_router_loss, router_loss_probe
 from .config import MoELoraConfig, SMoRAConfig
 from .experts import LoRAMoEExperts, MoELoraExperts, MoLEExperts, SMoRAExperts, inject_fused_experts
@@ -90,7 +91,7 @@ class _GenerateWithRoutingInputs:
             self.routing_ctx.sticky_token_types = None
 
 
-class MoELoraModel(FullStateDictKeys, BaseTuner):
+class MoELoraModel(AdapterNameKeys, FullStateDictKeys, TargetCheck, BaseTuner):
     """Shared tuner of every token-routed method; each method subclass sets `prefix`, `linear_layer_cls` (what a
     target module becomes) and `tuner_layer_cls`, the (linear, fused-experts) layer pair PEFT finds with isinstance."""
 
