@@ -178,3 +178,37 @@ def test_an_optional_field_in_a_later_row_only_is_a_bad_first_row(tmp_path):
     rows = [{"prompt": "a", "response": "b"}, {"prompt": "c", "response": "d", "sample_type": 1}]
     with pytest.raises(DataError, match=r"row 1: field 'sample_type' is missing \(other rows have one\)"):
         load_data(_jsonl(tmp_path / "partial.jsonl", rows))
+
+
+def test_a_broken_json_line_names_the_file_line_and_the_decoders_column(tmp_path):
+    """A JSONL line missing its closing brace: the decoder stops at the end of the line. Parsed with its newline, the
+    error pointed at "line 2, column 1" of the one-line text (reported as column 1); it is the column after the last
+    character. The expected column comes from the decoder on the line itself, not a hard-coded number."""
+    good = json.dumps({"prompt": "a", "response": "b"})
+    broken = '{"prompt": "abc", "response": "the answer is 42"'  # no closing brace
+    try:
+        json.loads(broken)
+    except json.JSONDecodeError as e:
+        column = e.colno
+    assert column == len(broken) + 1 > 1
+    path = tmp_path / "broken.jsonl"
+    path.write_text(f"{good}\n{broken}\n{good}\n")
+    with pytest.raises(DataError) as error:
+        load_data(str(path))
+    assert f"{path}, row 2: not valid JSON (Expecting ',' delimiter at line 2, column {column})" in str(error.value)
+    # the same rows in a .json file (one object per line, the first one broken): located on that line too
+    as_json = tmp_path / "rows.json"
+    as_json.write_text(f"{broken}\n{good}\n")
+    with pytest.raises(DataError) as error:
+        load_data(str(as_json))
+    assert f"{as_json}, row 1: not valid JSON (Expecting ',' delimiter at line 1, column {column})" in str(error.value)
+    # a JSON array keeps the decoder's own line and column in the whole file
+    array = tmp_path / "array.json"
+    text = f"[\n{good},\n{good}\n{good}\n]\n"  # a missing comma after the second row
+    array.write_text(text)
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as e:
+        want = f"{e.msg} at line {e.lineno}, column {e.colno}"
+    with pytest.raises(DataError, match=f"{array}: not valid JSON \\({want}\\)"):
+        load_data(str(array))
