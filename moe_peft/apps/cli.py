@@ -46,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
         help="override a value: block.key=value (training.max_steps=20, model=/path, data.train=my.jsonl) or key=value",
     )  # fmt: skip
     train.add_argument("--threads", type=int, default=None, help="torch threads (default: the config's, 1)")
+    train.add_argument(
+        "--overwrite", action="store_true",
+        help="train into an output_dir that holds a previous run, removing its adapter, stats and checkpoints first "
+        "(training.overwrite_output_dir: true); to continue that run instead: --set training.resume_from_checkpoint=true",
+    )  # fmt: skip
     stats = sub.add_parser("stats", help="routing statistics and plots of a trained adapter on a data file")
     stats.add_argument("adapter", help="the adapter directory (moe-peft train writes <output_dir>/adapter)")
     stats.add_argument("--data", required=True, help="a .json/.jsonl/.csv file, a datasets name/path, or 'bundled'")
@@ -124,6 +129,8 @@ def _train_or_stats(args) -> None:
         config = load_config(args.config, args.overrides)
         if args.threads is not None:
             config.threads = args.threads
+        if args.overwrite:
+            config.overwrite_output_dir = True
         run = train_from_config(config)
         print(f"\ntrained {config.method} in {run.seconds:.1f} s; wrote:")
         paths = run.paths
