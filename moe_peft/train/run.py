@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 from ..data.user import DataConfig, DataError, UserData, load_data
-from .base import load_model, load_tokenizer, resolve_base, tiny_arch
+from .base import load_model, load_tokenizer, resolve_base, tiny_arch, tiny_character_warnings
 from .config import LLAVA_ARCHS, ConfigError, RunConfig
 from .llava import is_llava, train_llava
 from .outputs import OutputDir, check_output_dir
@@ -122,6 +122,9 @@ def train_from_config(config: RunConfig, log: Callable = print) -> TrainRun:
         tokenizer = load_tokenizer(base)
         data = load_data(config.data, log=log)
         log(f"data: {len(data.dataset)} rows from {data.source}" + (f", tasks {data.tasks}" if data.tasks else ""))
+        if config.model == "tiny" and config.data.train != "bundled":  # the bundled rows are made for the tiny base
+            for warning in tiny_character_warnings(data.dataset, tokenizer, config.tiny, config.method):
+                log(f"warning: {warning}")
         if config.method == "phatgoose":
             model, paths, losses = _train_phatgoose(config, base, tokenizer, data, output_dir, log, output)
         else:
