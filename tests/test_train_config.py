@@ -29,11 +29,15 @@ PHATGOOSE = str(ROOT / "configs" / "phatgoose.yaml")
         ("mole", "training.overwrite_output_dir=1", "must be true/false (moe-peft)"),
         ("mole", "adapter.top_k=two", "must be an integer or null (moe_peft.MoLEConfig.top_k"),
         ("mole", "adapter.target_modules=5", "must be a list of strings, a string or null"),
-        ("mole", "data.max_samples=1.5", "must be an integer or null (moe_peft.DataConfig.max_samples"),
-        ("mole", "data.bundled_tasks=rev", "must be a list of strings (moe_peft.DataConfig.bundled_tasks"),
-        ("mole", "stats.samples=all", "must be an integer (moe_peft.StatsConfig.samples"),
-        ("mole", "tiny.pretrain_alphabet=5", "must be a string or null (moe_peft.TinyBaseConfig.pretrain_alphabet"),
-        ("phatgoose", "gates.lr=fast", "must be a number (moe_peft.GatesConfig.lr"),
+        ("mole", "data.max_samples=1.5", "must be an integer or null (moe_peft.data.DataConfig.max_samples"),
+        ("mole", "data.bundled_tasks=rev", "must be a list of strings (moe_peft.data.DataConfig.bundled_tasks"),
+        ("mole", "stats.samples=all", "must be an integer (moe_peft.train.config.StatsConfig.samples"),
+        (
+            "mole",
+            "tiny.pretrain_alphabet=5",
+            "must be a string or null (moe_peft.train.config.TinyBaseConfig.pretrain_alphabet",
+        ),
+        ("phatgoose", "gates.lr=fast", "must be a number (moe_peft.train.config.GatesConfig.lr"),
         ("phatgoose", "experts.r=eight", "must be an integer (peft.LoraConfig.r"),
     ],
 )
@@ -76,6 +80,9 @@ def test_the_cli_refuses_a_bad_value_before_the_base_and_the_data_load(tmp_path,
     args = ["train", MOLE, "--set", f"training.output_dir={tmp_path}", "--set", "training.max_steps=abc"]
     assert main(args) == 2
     assert "training.max_steps must be an integer" in capsys.readouterr().err
+    # a value of the right type that its block refuses: an error naming the --set, not a ValueError traceback
+    assert main(["train", MOLE, "--set", "data.max_samples=0"]) == 2
+    assert "--set data.max_samples=0: data.max_samples=0 is invalid" in capsys.readouterr().err
 
 
 # -- unknown keys -------------------------------------------------------------------------------------------------------

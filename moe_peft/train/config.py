@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
@@ -192,8 +193,14 @@ def block_classes(method: Optional[str]) -> dict[str, type]:
 
 
 def _class_name(cls: type) -> str:
-    module = cls.__module__.split(".")[0]
-    return f"{'moe_peft' if module == 'moe_peft' else module}.{cls.__name__}"
+    """The shortest path users import the class from: trl.SFTConfig, moe_peft.MoLEConfig, moe_peft.train.config.X
+    (the packages are looked up in sys.modules: nothing is imported)."""
+    parts = cls.__module__.split(".")
+    if parts[0] != "moe_peft":
+        return f"{parts[0]}.{cls.__name__}"
+    while len(parts) > 1 and getattr(sys.modules.get(".".join(parts[:-1])), cls.__name__, None) is cls:
+        parts.pop()
+    return f"{'.'.join(parts)}.{cls.__name__}"
 
 
 def block_fields(method: Optional[str]) -> dict[str, list[str]]:
@@ -401,17 +408,24 @@ def load_config(
         raise ConfigError(f"{at('model')}: model={model!r} is invalid: use tiny, a hub id or a local path.")
     training = dict(blocks["training"])
     run_keys = {key: training.pop(key) for key in RUN_TRAINING_KEYS if key in training}
+    built = {}
+    for block, cls in (("data", DataConfig), ("stats", StatsConfig), ("tiny", TinyBaseConfig), ("gates", GatesConfig)):
+        try:
+            built[block] = cls(**blocks[block])
+        except ValueError as error:  # a value of the right type that the block refuses (data.max_samples=0)
+            named = [key for key in blocks[block] if f"{block}.{key}" in str(error)]
+            raise ConfigError(f"{at(block, named[0]) if named else where}: {error}") from None
     return RunConfig(
         method=method,
         model=model,
         threads=threads,
         adapter=blocks["adapter"],
         training=training,
-        data=DataConfig(**blocks["data"]),
-        stats=StatsConfig(**blocks["stats"]),
-        tiny=TinyBaseConfig(**blocks["tiny"]),
+        data=built["data"],
+        stats=built["stats"],
+        tiny=built["tiny"],
         experts=blocks["experts"],
-        gates=GatesConfig(**blocks["gates"]),
+        gates=built["gates"],
         path=path,
         overwrite_output_dir=bool(run_keys.get("overwrite_output_dir") or False),
         resume_from_checkpoint=run_keys.get("resume_from_checkpoint"),
