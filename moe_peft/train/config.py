@@ -107,7 +107,9 @@ class TinyBaseConfig:
             default tasks (MoE, for RoMA, whose router tuning needs a base that already gets samples right), or
             caption and add (LLaVA: moe_peft.llava.BASE_TASKS).
         pretrain_alphabet: the letters of its samples; null: a-x for llama (every letter the bundled tasks use),
-            a-j for a MoE (the bundled tasks' own letters, as in examples/roma_router_tuning.py).
+            a-j for a MoE (the bundled tasks' own letters, as in examples/roma_router_tuning.py). The base reads
+            nothing else but its task names, " " and "=": no uppercase letter, digit or punctuation, which an
+            adapter then learns poorly; `moe-peft train` warns when your rows hold such characters.
         hidden_size, num_layers: its size; seed: its initialization and data.
     """
 
