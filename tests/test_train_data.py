@@ -178,3 +178,99 @@ def test_an_optional_field_in_a_later_row_only_is_a_bad_first_row(tmp_path):
     rows = [{"prompt": "a", "response": "b"}, {"prompt": "c", "response": "d", "sample_type": 1}]
     with pytest.raises(DataError, match=r"row 1: field 'sample_type' is missing \(other rows have one\)"):
         load_data(_jsonl(tmp_path / "partial.jsonl", rows))
+
+
+def test_a_broken_json_line_names_the_file_line_and_the_decoders_column(tmp_path):
+    """A JSONL line missing its closing brace: the decoder stops at the end of the line. Parsed with its newline, the
+    error pointed at "line 2, column 1" of the one-line text (reported as column 1); it is the column after the last
+    character. The expected column comes from the decoder on the line itself, not a hard-coded number."""
+    good = json.dumps({"prompt": "a", "response": "b"})
+    broken = '{"prompt": "abc", "response": "the answer is 42"'  # no closing brace
+    try:
+        json.loads(broken)
+    except json.JSONDecodeError as e:
+        column = e.colno
+    assert column == len(broken) + 1 > 1
+    path = tmp_path / "broken.jsonl"
+    path.write_text(f"{good}\n{broken}\n{good}\n")
+    with pytest.raises(DataError) as error:
+        load_data(str(path))
+    assert f"{path}, row 2: not valid JSON (Expecting ',' delimiter at line 2, column {column})" in str(error.value)
+    # the same rows in a .json file (one object per line, the first one broken): located on that line too
+    as_json = tmp_path / "rows.json"
+    as_json.write_text(f"{broken}\n{good}\n")
+    with pytest.raises(DataError) as error:
+        load_data(str(as_json))
+    assert f"{as_json}, row 1: not valid JSON (Expecting ',' delimiter at line 1, column {column})" in str(error.value)
+    # a JSON array keeps the decoder's own line and column in the whole file
+    array = tmp_path / "array.json"
+    text = f"[\n{good},\n{good}\n{good}\n]\n"  # a missing comma after the second row
+    array.write_text(text)
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as e:
+        want = f"{e.msg} at line {e.lineno}, column {e.colno}"
+    with pytest.raises(DataError, match=f"{array}: not valid JSON \\({want}\\)"):
+        load_data(str(array))
+
+
+# -- the tiny base's characters (model: tiny) ---------------------------------------------------------------------------
+def test_the_tiny_base_warns_about_characters_it_cannot_read_or_never_saw(tmp_path):
+    """The issue: an uppercase task on model: tiny learned 1 of 20 held-out rows; the base was pretrained on lowercase
+    letters only. The counts are computed here from the rows, the pretraining characters from the base's recipe."""
+    from moe_peft.train.base import tiny_base_characters, tiny_character_warnings
+    from moe_peft.train.config import TinyBaseConfig
+
+    tiny = TinyBaseConfig()
+    seen = tiny_base_characters(tiny, "mole")
+    assert set("abcdefghijklmnopqrstuvwx =") <= seen and not {"A", "Z", "!", "é"} & seen
+    rows = [
+        {"prompt": "shout abc=", "completion": "ABC"},
+        {"prompt": "shout hi=", "completion": "HI!"},
+        {"prompt": "café=", "completion": "cafe"},  # é: not in the character tokenizer
+        {"prompt": "copy abc=", "completion": "abc"},  # lowercase: nothing to say
+    ]
+    chat = [{"prompt": [{"role": "user", "content": "Hi"}], "completion": [{"role": "assistant", "content": "hi"}]}]
+    warnings = tiny_character_warnings(rows + chat, char_tokenizer(), tiny, "mole")
+    assert len(warnings) == 2
+    unknown, unseen = warnings
+    text = ["".join(_flat(r)) for r in rows + chat]
+    assert unknown.startswith(f"{sum('é' in t for t in text)} of 5 rows hold characters") and "<unk>" in unknown
+    assert "'é' (1 row)" in unknown
+    new = sorted({c for t in text for c in t if c not in seen and c != "é"})
+    assert new == ["!", "A", "B", "C", "H", "I"]
+    rows_with_new = sum(any(c in new for c in t) for t in text)
+    assert unseen.startswith(f"{rows_with_new} of 5 rows hold characters the tiny base never saw")
+    for c in new:
+        assert f"{c!r} ({sum(c in t for t in text)} row" in unseen, c
+    assert "tiny.pretrain_alphabet" in unseen and "abcdefghijklmnopqrstuvwx" in unseen
+    assert tiny_character_warnings(rows[3:], char_tokenizer(), tiny, "mole") == []
+    # a base pretrained on the uppercase letters too has nothing to say about them
+    wide = TinyBaseConfig(pretrain_alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ!")
+    assert tiny_character_warnings(rows[:2], char_tokenizer(), wide, "mole") == []
+
+
+def _flat(row):
+    for value in (row["prompt"], row["completion"]):
+        yield from ([m["content"] for m in value] if isinstance(value, list) else [value])
+
+
+def test_moe_peft_train_on_tiny_warns_before_training(tmp_path, monkeypatch):
+    import pathlib
+
+    import moe_peft.train.run as run_module
+    from moe_peft.train.config import load_config
+
+    data = _jsonl(tmp_path / "upper.jsonl", [{"prompt": f"up {w}=", "response": w.upper()} for w in ("abc", "de")])
+    logged = []
+
+    def stop(*args, **kwargs):
+        raise RuntimeError("training would start here")
+
+    monkeypatch.setattr(run_module, "_trainer", stop)
+    config = pathlib.Path(__file__).resolve().parent.parent / "configs" / "mole.yaml"
+    run = load_config(str(config), [f"data.train={data}", f"training.output_dir={tmp_path / 'out'}"])
+    with pytest.raises(RuntimeError, match="training would start here"):
+        run_module.train_from_config(run, log=logged.append)
+    warning = next(line for line in logged if line.startswith("warning: 2 of 2 rows hold characters the tiny base"))
+    assert all(f"{c!r}" in warning for c in "ABCDE")

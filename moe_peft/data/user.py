@@ -129,9 +129,13 @@ def _jsonl_records(path: str) -> Iterator[tuple[str, Any]]:
             if not line.strip():
                 continue  # blank lines separate nothing in JSONL
             try:
-                record = json.loads(line)
+                # without its newline: parsed with it, an error at the end of the line (a missing closing brace)
+                # lands on "line 2, column 1" of the one-line text instead of the column after its last character
+                record = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}, row {line_no}: not valid JSON ({e.msg} at column {e.colno}).") from None
+                raise DataError(
+                    f"{path}, row {line_no}: not valid JSON ({e.msg} at line {line_no}, column {e.colno})."
+                ) from None
             yield f"{path}, row {line_no}", record
 
 
@@ -141,7 +145,9 @@ def _json_records(path: str) -> Iterator[tuple[str, Any]]:
     try:
         records = json.loads(text)
     except json.JSONDecodeError as e:
-        if e.msg == "Extra data":  # one object per line under a .json name
+        # one object per line under a .json name: read line by line, so that an error names its own line and column
+        # (in the whole text, a line missing its closing brace is reported at column 1 of the next line)
+        if e.msg == "Extra data" or text.lstrip().startswith("{"):
             yield from _jsonl_records(path)
             return
         raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}).") from None

@@ -42,8 +42,7 @@ def tiny_base_path(config: TinyBaseConfig, method: str) -> str:
             tasks=tuple(config.pretrain_tasks or BASE_TASKS), batch_size=config.pretrain_batch_size,
             lr=config.pretrain_lr if config.pretrain_lr is not None else 1e-3,
         )  # fmt: skip
-    tasks = list(config.pretrain_tasks or (DEFAULT_TASKS if arch != "llama" else LLAMA_TASKS))
-    alphabet = config.pretrain_alphabet or (BASE_ALPHABET if arch == "llama" else MOE_ALPHABET)
+    tasks, alphabet = _pretraining(config, arch)
     settings = {
         "arch": arch,
         "steps": config.pretrain_steps,
@@ -64,6 +63,78 @@ def tiny_base_path(config: TinyBaseConfig, method: str) -> str:
     return path
 
 
+def _pretraining(config: TinyBaseConfig, arch: str) -> tuple[list[str], str]:
+    """The bundled tasks and the letters a tiny (non-LLaVA) base is trained on."""
+    tasks = list(config.pretrain_tasks or (DEFAULT_TASKS if arch != "llama" else LLAMA_TASKS))
+    alphabet = config.pretrain_alphabet or (BASE_ALPHABET if arch == "llama" else MOE_ALPHABET)
+    return tasks, alphabet
+
+
+def _pretraining_samples(config: TinyBaseConfig, tasks: list[str], alphabet: str) -> list[dict]:
+    return make_samples(config.pretrain_steps * config.pretrain_batch_size, tasks, seed=config.seed, alphabet=alphabet)
+
+
+def tiny_base_characters(config: TinyBaseConfig, method: str) -> set[str]:
+    """Every character the tiny base of `model: tiny` read in its pretraining (its samples, regenerated: cheap)."""
+    tasks, alphabet = _pretraining(config, tiny_arch(config, method))
+    return {c for s in _pretraining_samples(config, tasks, alphabet) for c in s["prompt"] + s["completion"]}
+
+
+def _row_text(row: dict) -> str:
+    parts = []
+    for value in (row["prompt"], row["completion"]):
+        parts += [m["content"] for m in value] if isinstance(value, list) else [value]
+    return "".join(parts)
+
+
+def tiny_character_warnings(rows, tokenizer, config: TinyBaseConfig, method: str) -> list[str]:
+    """What the tiny base cannot read, or never saw, in the user's rows (prompt/completion, text or chat): the
+    characters the character tokenizer maps to <unk>, and those outside the base's pretraining (lowercase letters
+    a-x, the task names, " " and "="): an adapter leaves the embeddings and the output layer as they are, so their
+    untrained rows stay untrained, and a task that writes such characters is learned poorly, if at all."""
+    vocab = tokenizer.get_vocab()
+    seen = tiny_base_characters(config, method) if config.pretrain_steps else None
+    unknown: dict[str, int] = {}  # character -> rows holding it
+    unseen: dict[str, int] = {}
+    unknown_rows = unseen_rows = n = 0
+    if hasattr(rows, "column_names"):  # a datasets.Dataset: its columns read at once, faster than row by row
+        rows = ({"prompt": p, "completion": c} for p, c in zip(rows["prompt"], rows["completion"]))
+    for row in rows:
+        n += 1
+        chars = set(_row_text(row))
+        bad = {c for c in chars if c not in vocab}
+        new = {c for c in chars - bad if seen is not None and c not in seen}
+        unknown_rows += bool(bad)
+        unseen_rows += bool(new)
+        for c in bad:
+            unknown[c] = unknown.get(c, 0) + 1
+        for c in new:
+            unseen[c] = unseen.get(c, 0) + 1
+    out = []
+    if unknown:
+        out.append(
+            f"{unknown_rows} of {n} rows hold characters the tiny base's character tokenizer does not have (read as "
+            f"<unk>, so their difference is lost): {_characters(unknown)}. Use a real base (model: a hub id or a "
+            "path) for such text."
+        )
+    if unseen:
+        tasks, alphabet = _pretraining(config, tiny_arch(config, method))
+        out.append(
+            f"{unseen_rows} of {n} rows hold characters the tiny base never saw in its pretraining (bundled tasks "
+            f"{', '.join(tasks)} on the letters {alphabet!r}): {_characters(unseen)}. An adapter learns them poorly, "
+            "if at all (the base's embeddings and output layer for them stay untrained): to teach the base them, "
+            "add them to tiny.pretrain_alphabet (a new base is pretrained and cached), or use a real base."
+        )
+    return out
+
+
+def _characters(counts: dict[str, int], shown: int = 40) -> str:
+    """'A' (12 rows), 'B' (3 rows), ... (most frequent first)."""
+    order = sorted(counts, key=lambda c: (-counts[c], c))
+    text = ", ".join(f"{c!r} ({counts[c]} row{'s' if counts[c] != 1 else ''})" for c in order[:shown])
+    return text + (f" and {len(order) - shown} more" if len(order) > shown else "")
+
+
 def _build_tiny_base(path: str, arch: str, tasks: list[str], alphabet: str, config: TinyBaseConfig) -> None:
     tokenizer = char_tokenizer()
     vocab = len(tokenizer)
@@ -77,7 +148,7 @@ def _build_tiny_base(path: str, arch: str, tasks: list[str], alphabet: str, conf
     steps, batch_size = config.pretrain_steps, config.pretrain_batch_size
     if steps:
         torch.manual_seed(config.seed)
-        samples = make_samples(steps * batch_size, tasks, seed=config.seed, alphabet=alphabet)
+        samples = _pretraining_samples(config, tasks, alphabet)
         lr = config.pretrain_lr if config.pretrain_lr is not None else 3e-3
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
         schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.1)

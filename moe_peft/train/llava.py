@@ -89,8 +89,9 @@ def _file_rows(path: str, task_field: str | None) -> Iterator[dict]:
         }
 
 
-def train_llava(config: RunConfig, base: str, output_dir: str, log: Callable):
-    """Train the adapter of `config` on the LLaVA-family `base`; returns (model, paths, losses)."""
+def train_llava(config: RunConfig, base: str, output_dir: str, log: Callable, output=None):
+    """Train the adapter of `config` on the LLaVA-family `base`; returns (model, paths, losses). `output`
+    (moe_peft.train.outputs.OutputDir): the previous run's outputs to clear and the checkpoint to resume from."""
     from datasets import Dataset
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -126,7 +127,9 @@ def train_llava(config: RunConfig, base: str, output_dir: str, log: Callable):
         routing_stats_per_layer=config.stats.log_per_layer,
     )
     trainer_callbacks(trainer)
-    trainer.train()
+    if output is not None:
+        output.clear()  # the previous run's outputs, when overwriting or resuming: the base and data loaded
+    trainer.train(resume_from_checkpoint=output.resume if output is not None else None)
     model = trainer.model
     adapter = os.path.join(output_dir, "adapter")
     model.save_pretrained(adapter)

@@ -6,6 +6,9 @@ Outputs of a training run, under `training.output_dir`:
     stats/          stats.json and the routing plots (moe_peft.stats)
     experts/<task>  PHATGOOSE only: each task's LoRA expert and its gates
 
+An output_dir that holds a previous run's outputs is refused before anything loads, unless the run overwrites it
+(`--overwrite`, training.overwrite_output_dir) or resumes it (training.resume_from_checkpoint): moe_peft.train.outputs.
+
 PHATGOOSE is a recipe of several trainings (docs/methods.md): `moe-peft train` splits the data by task, trains one
 PEFT LoRA expert per task (`experts:` block, `training:` steps each) with MoESFTTrainer, trains each expert's gates
 on its own task's rows (`gates:` block), and assembles the library (`adapter:` block: top_k, routing).
@@ -23,9 +26,10 @@ from typing import Optional
 import torch
 
 from ..data.user import DataConfig, DataError, UserData, load_data
-from .base import load_model, load_tokenizer, resolve_base, tiny_arch
+from .base import load_model, load_tokenizer, resolve_base, tiny_arch, tiny_character_warnings
 from .config import LLAVA_ARCHS, ConfigError, RunConfig
 from .llava import is_llava, train_llava
+from .outputs import OutputDir, check_output_dir
 from .shared import TASKS_FILE, adapter_config, logged_losses, sft_config, trainer_callbacks, write_tasks
 
 
@@ -100,6 +104,10 @@ def _grouping(by: Optional[str], rows, source: str, log: Callable) -> Optional[s
 
 def train_from_config(config: RunConfig, log: Callable = print) -> TrainRun:
     """Train the adapter a RunConfig describes."""
+    # before any work (the tiny base's pretraining, the data): the training arguments, and what to do with an
+    # output_dir that holds a previous run
+    output_dir = sft_config(config).output_dir
+    output = check_output_dir(config, output_dir, log)
     threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     start = time.perf_counter()
@@ -109,19 +117,21 @@ def train_from_config(config: RunConfig, log: Callable = print) -> TrainRun:
         if config.model == "tiny":
             log(f"base: the bundled tiny {arch} ({base})")
         if (arch in LLAVA_ARCHS) if config.model == "tiny" else is_llava(base):
-            output_dir = sft_config(config).output_dir
-            model, paths, losses = train_llava(config, base, output_dir, log)
+            model, paths, losses = train_llava(config, base, output_dir, log, output)
             return TrainRun(paths, losses, time.perf_counter() - start)
         tokenizer = load_tokenizer(base)
         data = load_data(config.data, log=log)
         log(f"data: {len(data.dataset)} rows from {data.source}" + (f", tasks {data.tasks}" if data.tasks else ""))
-        output_dir = sft_config(config).output_dir
+        if config.model == "tiny" and config.data.train != "bundled":  # the bundled rows are made for the tiny base
+            for warning in tiny_character_warnings(data.dataset, tokenizer, config.tiny, config.method):
+                log(f"warning: {warning}")
         if config.method == "phatgoose":
-            model, paths, losses = _train_phatgoose(config, base, tokenizer, data, output_dir, log)
+            model, paths, losses = _train_phatgoose(config, base, tokenizer, data, output_dir, log, output)
         else:
             peft_config = adapter_config(config, data)
             trainer = _trainer(config, base, data.dataset, tokenizer, peft_config, output_dir)
-            trainer.train()
+            output.clear()  # the previous run's outputs, when overwriting or resuming: the base and data loaded
+            trainer.train(resume_from_checkpoint=output.resume)
             model, losses = trainer.model, {"adapter": logged_losses(trainer)}
             paths = {"adapter": os.path.join(output_dir, "adapter")}
             _save_adapter(model, tokenizer, data.tasks, paths["adapter"])
@@ -132,7 +142,9 @@ def train_from_config(config: RunConfig, log: Callable = print) -> TrainRun:
     return TrainRun(paths, losses, time.perf_counter() - start)
 
 
-def _train_phatgoose(config: RunConfig, base: str, tokenizer, data: UserData, output_dir: str, log: Callable):
+def _train_phatgoose(
+    config: RunConfig, base: str, tokenizer, data: UserData, output_dir: str, log: Callable, output: OutputDir
+):
     from peft import LoraConfig
 
     from ..tuners.phatgoose import assemble, train_gates
@@ -143,6 +155,7 @@ def _train_phatgoose(config: RunConfig, base: str, tokenizer, data: UserData, ou
             f"rows of {data.source} have none."
         )
     expert_dirs, losses = [], {}
+    output.clear()  # the previous run's outputs, when overwriting (resuming is refused for PHATGOOSE)
     for task in data.tasks:
         rows = data.dataset.filter(lambda r, task=task: r["task"] == task)
         lora = LoraConfig(**{"task_type": "CAUSAL_LM", **config.experts})
