@@ -339,10 +339,11 @@ def test_router_losses_and_statistics_count_one_decision_per_sequence():
 
 
 def test_loramoe_localized_balancing_per_sequence_by_hand():
-    """LBC with one decision per sample: Q[b, i] = w[b, i] (each sample counted once)."""
+    """LBC with one decision per sample: Q[b, i] = w[b, i] (each sample counted once, whatever its length: the rows
+    have 7, 9 and 12 tokens, so a token-weighted Q would give another value)."""
     delta, weight = 0.1, 0.5
     model = seq_model("loramoe", blc_alpha=delta, blc_weight=weight)
-    batch = rows(PROMPTS, ANSWERS)
+    batch = rows(PROMPTS, tokens(1, 2, 6, 5))
     types = torch.tensor([1, 0, 1])
     capture = Capture(model)
     model.train()
@@ -364,7 +365,7 @@ def test_loramoe_localized_balancing_per_sequence_by_hand():
         model(
             input_ids=batch["input_ids"],
             labels=batch["labels"],
-            position_ids=torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4, 5]] * 3),
+            position_ids=torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4, 5, 6, 7, 8]] * 3),
             sample_types=types,
         )
 
