@@ -22,6 +22,7 @@ A loss that does not include `router_loss` gives the routers no auxiliary gradie
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import NamedTuple, Optional
 
@@ -63,8 +64,9 @@ class RoutingContext:
         self.sequence_prompt: Optional[torch.Tensor] = None  # [B, S] bool, the tokens a sequence is routed from
         self.sequence_starts: Optional[torch.Tensor] = None  # [B, S] bool, the first token of each sequence
         self.sequence_continues: bool = False  # a later step of a generation: reuse the decisions of its prompt
-        # router module -> its Routing of the prompt's [B] sequences (detached), reused by the later steps
-        self.sequence_decisions: dict = {}
+        # router module -> its Routing of the prompt's [B] sequences (detached), reused by the later steps; weak keys,
+        # so that a deleted adapter's router is not kept alive
+        self.sequence_decisions: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         # router_input_layer: the frozen base's rms-normalized output of decoder layer router_state_layers[i], for
         # this forward's positions [B, S, L, d] float32 (a pre-pass under no_grad; tuners/routed/model.py)
         self.router_states: Optional[torch.Tensor] = None
