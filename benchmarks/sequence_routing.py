@@ -2,6 +2,7 @@
 
     python benchmarks/sequence_routing.py                 # training step (forward + backward) and generation ratios
     python benchmarks/sequence_routing.py --quality       # also a --quick-style quality run of the four rows
+    python benchmarks/sequence_routing.py --quality --full  # the suite's 800 steps and 64 test prompts (one seed)
 
 Every row is MoLE top-1 with block routing, 6 experts of rank 5 on the seven Llama projections (the suite's "MoLE
 top-1 block" row), on the suite's base shape (hidden 128, MLP 256, 2 layers, 4 heads over 2 KV heads, character
@@ -19,7 +20,8 @@ same round, the median of those ratios printed with half their interquartile ran
 tokens for 64 left-padded prompts with the KV cache, in eval mode.
 
 --quality trains each row as `moe-peft bench quality --quick` does (one seed, lr 3e-3, 300 steps, the cached
-pre-trained base) and prints exact match per task; a check that the options train, not the comparison.
+pre-trained base; --full: the suite's 800 steps, its base and 64 test prompts per task, still one seed and one lr)
+and prints exact match per task; a check that the options train, not the comparison (docs/quality.md).
 """
 
 from __future__ import annotations
@@ -100,7 +102,7 @@ def timing(reps: int) -> None:
             print(f"  {name:<18} {t!s:>16} ms   {r.median:.3f}x ± {r.spread / 2:.3f}")
 
 
-def quality() -> None:
+def quality(full: bool) -> None:
     from moe_peft.bench.quality import (
         Suite,
         eval_split,
@@ -114,13 +116,14 @@ def quality() -> None:
     from moe_peft.bench.quality_methods import Method
     from moe_peft.data import CharTokenizer
 
-    suite, tokenizer = Suite().quick(), CharTokenizer()
+    suite, tokenizer = (Suite() if full else Suite().quick()), CharTokenizer()
     cache = os.path.expanduser("~/.cache/moe_peft/bench_quality")
     base_dir = pretrained_base(suite, cache, tokenizer)
     from transformers import AutoModelForCausalLM
 
     test = eval_split(suite, "test")
-    print(f"\nquality, --quick shape: {suite.steps} steps of {suite.batch_size}, lr 3e-3, seed 0")
+    shape = "the suite's" if full else "--quick"
+    print(f"\nquality, {shape} shape: {suite.steps} steps of {suite.batch_size}, lr 3e-3, seed 0")
     for name, overrides in ROWS.items():
         method = Method(name, "moe", lambda r, o=overrides: config(r, **o))
         torch.manual_seed(0)
@@ -140,12 +143,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--quality", action="store_true")
+    parser.add_argument("--full", action="store_true", help="--quality at the suite's length, not --quick's")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    timing(args.reps)
+    if args.reps > 0:
+        timing(args.reps)
     if args.quality:
-        quality()
+        quality(args.full)
 
 
 if __name__ == "__main__":

@@ -106,12 +106,25 @@ def hand_route(config, router, v, dense=False):
         idx = (s + router.selection_bias.double()).topk(config.top_k, dim=-1).indices
         picked = s.gather(1, idx)
         return idx, config.top_k * picked / picked.sum(-1, keepdim=True)
+    n = config.num_experts
+    if config.num_null_experts:  # AdaMoE: null logits from a bias-free linear, appended
+        logits = torch.cat([logits, v.double() @ router.null.weight.double().T], dim=-1)  # [N, n + m]
     p = logits.softmax(-1)
     if dense:
         return torch.arange(p.shape[1]).expand_as(p), p
+    if config.top_p is not None:  # the most probable experts until their mass passes top_p, raw p, at most top_k
+        ranked, order = p.sort(dim=-1, descending=True)
+        ranked, order = ranked[:, : config.top_k], order[:, : config.top_k]
+        keep = (ranked.cumsum(-1) - ranked) < config.top_p
+        return torch.where(keep, order, -1), ranked * keep
     top, idx = p.topk(config.top_k, dim=-1)
-    weights = torch.ones_like(top) if config.top_k == 1 else top / top.sum(-1, keepdim=True)
-    return idx, weights
+    real = idx < n
+    if config.top_k == 1:
+        weights = real.double()  # straight-through: value 1 (0 for a null pick)
+    else:
+        kept = top * real
+        weights = kept / kept.sum(-1, keepdim=True).clamp_min(1e-9)  # renormalized over the real picks
+    return torch.where(real, idx, -1), weights
 
 
 def hand_prompt(batch):
@@ -157,6 +170,8 @@ def check_against_hand(model, batch, capture, router_states=None, dense=False):
         for b in range(x.shape[0]):
             for j in range(idx.shape[1]):
                 e = int(idx[b, j])
+                if e < 0:  # a null expert or a top-p cut-off: no output
+                    continue
                 want[b] += module.scalings["default"] * w[b, j] * (x[b].double() @ a[e].T @ bb[e].T)
         torch.testing.assert_close(y.double(), want, rtol=1e-4, atol=1e-5, msg=name)
         checked += 1
@@ -167,6 +182,8 @@ CASES = {
     "mole_block_mean": ("mole", {}),
     "mole_linear_top2_last": ("mole", {"router_granularity": "linear", "top_k": 2, "sequence_pooling": "last"}),
     "mole_eval_dense": ("mole", {"eval_routing": "dense"}),
+    "mole_null_top2": ("mole", {"num_null_experts": 2, "top_k": 2}),
+    "mole_top_p": ("mole", {"top_p": 0.6, "router_granularity": "linear"}),
     "loramoe": ("loramoe", {}),
     "smora": ("smora", {}),
 }

@@ -101,7 +101,7 @@ def route_sequences(
     )
     layer = getattr(config, "router_input_layer", None)
     if layer is None:
-        pooled = sequence.pool(x.view(batch, seq, -1), prompt, plan, config.sequence_pooling)  # [T, in] -> [N, in]
+        pooled = sequence.pool(x.reshape(batch, seq, -1), prompt, plan, config.sequence_pooling)  # [T, in] -> [N, in]
     else:
         held = ctx.router_states
         if held is None or layer not in ctx.router_state_layers or held.shape[:2] != (batch, seq):
