@@ -216,7 +216,7 @@ def _approximate(
                 collector.mask = batch["attention_mask"]
                 device = next(model.parameters()).device
                 kw = extra(batch["input_ids"].shape[0]) if extra is not None else {}
-                kw.update({k: v.to(device) for k, v in routed_inputs(batch).items()})  # token_types
+                kw.update({k: v.to(device) for k, v in routed_inputs(batch).items()})  # labels, token_types
                 model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), **kw)
         stats = collector.stats
     factors: dict[str, list] = {}

@@ -213,5 +213,11 @@ def batches(rows: list[dict], pad_id: int, batch_size: int = 16) -> Iterator[dic
 
 
 def routed_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """What only the routed model's forward takes from a batch: the tokens' modality groups (token_types)."""
-    return {"token_types": batch["token_types"]} if "token_types" in batch else {}
+    """What only the routed model's forward takes from a batch: the tokens' modality groups (token_types), and the
+    labels, from which an adapter with routing_level="sequence" finds each row's prompt (the tokens before the first
+    label), so that it routes the calibration rows as it does in training and generation (the loss it then also
+    computes is not used)."""
+    extra = {"labels": batch["labels"]}
+    if "token_types" in batch:
+        extra["token_types"] = batch["token_types"]
+    return extra

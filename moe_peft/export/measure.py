@@ -38,7 +38,7 @@ def compare_logits(routed: nn.Module, export: nn.Module, calibration: Calibratio
     for batch in batches(calibration.eval, calibration.pad_id):
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         kw = extra(batch["input_ids"].shape[0]) if extra is not None else {}
-        kw.update(routed_inputs(batch))  # token_types: the exported model has no modality routing
+        kw.update(routed_inputs(batch))  # labels, token_types: only the routed model routes by them
         logits = {
             "routed": routed(**{k: v.to(_device(routed)) for k, v in {**inputs, **kw}.items()}).logits,
             "export": export(**{k: v.to(_device(export)) for k, v in inputs.items()}).logits,

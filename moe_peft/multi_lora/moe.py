@@ -93,7 +93,8 @@ def _route(
     loss, record = router_loss_and_stats(
         layer.configs[adapter], routing, lead_shape, ctx, num_experts, layer.training, layer.module_name
     )
-    layer.router_records[adapter] = record
+    if record is not None:  # None: a later generation step reusing its prompt's sequence decisions (keeps that record)
+        layer.router_records[adapter] = record
     if loss is None:
         return routing, None
     selection.router_loss_pairs.add((id(layer), adapter))

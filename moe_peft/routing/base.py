@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -18,6 +18,8 @@ class Routing(NamedTuple):
     probs:   [T, E'] float32 softmax (or sigmoid for SMoRA) of the logits
     choice:  [T, k] long, the raw pick over E' choices before null experts were mapped to -1
     groups:  [T] long, each token's modality group (MoMa expert groups), None without groups
+    sequences: with routing_level="sequence", the per-sequence decisions every token here carries
+             (routing/sequence.py, SequenceRouting); None for token-level routing
     """
 
     idx: torch.Tensor
@@ -26,6 +28,7 @@ class Routing(NamedTuple):
     probs: torch.Tensor
     choice: Optional[torch.Tensor] = None
     groups: Optional[torch.Tensor] = None
+    sequences: Optional[Any] = None  # SequenceRouting (routing/sequence.py imports this module)
 
 
 class Float32Buffers(nn.Module):

@@ -22,6 +22,7 @@ A loss that does not include `router_loss` gives the routers no auxiliary gradie
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import NamedTuple, Optional
 
@@ -58,11 +59,41 @@ class RoutingContext:
         self.token_types: Optional[torch.Tensor] = None  # [B, S] long
         self.image_tokens: Optional[torch.Tensor] = None  # [B, S] bool
         self.sticky_token_types: Optional[torch.Tensor] = None  # [B, P] the prompt's, held for a generate() call
+        # sequence-level routing (routing_level="sequence", routing/sequence.py), for this forward's positions. Per-row
+        # tensors are plain attributes, so a mixed batch's per-adapter view (moe_peft.multi_lora) cuts them to its rows
+        self.sequence_prompt: Optional[torch.Tensor] = None  # [B, S] bool, the tokens a sequence is routed from
+        self.sequence_starts: Optional[torch.Tensor] = None  # [B, S] bool, the first token of each sequence
+        self.sequence_continues: bool = False  # a later step of a generation: reuse the decisions of its prompt
+        # router module -> its Routing of the prompt's [B] sequences (detached), reused by the later steps; weak keys,
+        # so that a deleted adapter's router is not kept alive
+        self.sequence_decisions: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        # router_input_layer: the frozen base's rms-normalized output of decoder layer router_state_layers[i], for
+        # this forward's positions [B, S, L, d] float32 (a pre-pass under no_grad; tuners/routed/model.py)
+        self.router_states: Optional[torch.Tensor] = None
+        self.router_state_layers: tuple[int, ...] = ()
+        self.sequence_cache: dict = {}  # per forward: sequence plans and pooled states shared by the routers
+        # while a router routes pooled sequences: {"rows": [N] batch row, "valid": [N] bool} of its input rows, for
+        # hooks that read the router's output (moe_peft.stats' probe); a dict, so a mixed batch's view shares it
+        self.router_call: dict = {}
+        self.generate_forwards: Optional[int] = None  # inside generate(): the forwards run so far; None outside
 
-    def start_forward(self, attention_mask=None, sample_types=None, token_types=None, image_tokens=None) -> None:
+    def start_forward(
+        self,
+        attention_mask=None,
+        sample_types=None,
+        token_types=None,
+        image_tokens=None,
+        sequence_prompt=None,
+        sequence_starts=None,
+        sequence_continues: bool = False,
+    ) -> None:
         self.attention_mask = padding_mask(attention_mask)
         self.sample_types = sample_types
         self.token_types, self.image_tokens = token_types, image_tokens
+        self.sequence_prompt, self.sequence_starts = sequence_prompt, sequence_starts
+        self.sequence_continues = sequence_continues
+        self.router_states, self.router_state_layers = None, ()
+        self.sequence_cache = {}
         self.loss_grad_scale = None
         self.forward_id += 1
         self.in_forward = True

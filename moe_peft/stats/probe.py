@@ -37,6 +37,10 @@ class Decision:
     # the samples of the batch the N rows come from, [b] long, when the router saw only some of them (a mixed batch
     # routes each adapter on its own samples: N = b x S); None: every sample of the batch
     samples: Optional[torch.Tensor] = None
+    # routing_level="sequence": the rows are sequences (one decision each); the row of the router's input [b] each sits
+    # in, [N] long, and whether it had a prompt token, [N] bool (only those count)
+    sequence_rows: Optional[torch.Tensor] = None
+    sequence_valid: Optional[torch.Tensor] = None
 
 
 Reader = Callable[[nn.Module, tuple, Any], Optional[Decision]]
@@ -66,10 +70,13 @@ def _moe_lora_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, Reader]
                 dense = isinstance(module, DenseRouter) or (
                     not module.training and getattr(module, "eval_routing", "topk") == "dense"
                 )
-                samples = layer._routing_ctx.router_rows  # set while a mixed batch routes one adapter's samples
+                ctx = layer._routing_ctx
+                samples = ctx.router_rows  # set while a mixed batch routes one adapter's samples
+                call = ctx.router_call  # set while a router routes pooled sequences (routing_level="sequence")
                 return Decision(
-                    routing.idx, num_experts, routing.weights, probs, dense=dense, null_slots=null, samples=samples
-                )
+                    routing.idx, num_experts, routing.weights, probs, dense=dense, null_slots=null, samples=samples,
+                    sequence_rows=call.get("rows"), sequence_valid=call.get("valid"),
+                )  # fmt: skip
 
             yield label, router, read
 
@@ -231,6 +238,15 @@ class RoutingProbe:
         rows, device = decision.idx.shape[0], decision.idx.device
         shape, mask = self._shape, self._mask
         samples = decision.samples  # [b] the batch rows a mixed batch's router saw, None: all of them
+        if decision.sequence_rows is not None:  # one row per sequence: its prompt decides whether it counts
+            keep = decision.sequence_valid.to(device=device, dtype=torch.float64)  # [N]
+            sample = decision.sequence_rows.to(device)  # [N] the row of the router's input
+            if samples is not None:
+                sample = samples.to(device)[sample]  # the router's row -> the batch's sample
+            if self.groups is None:
+                return keep, torch.zeros(rows, dtype=torch.long, device=device)
+            groups = self.groups.to(device)
+            return keep, groups[sample.clamp(max=groups.shape[0] - 1)]  # [N]
         if samples is not None and shape is not None:
             samples = samples.to(device)
             shape = (samples.numel(), shape[1])  # the router's tokens are [b, S] (b of the batch's B rows)

@@ -33,7 +33,7 @@ class Totals:
     read, so accumulating them costs no host synchronization)."""
 
     counts: torch.Tensor  # [G, E] picks (sparse) or summed routing weights (dense) per expert
-    tokens: torch.Tensor  # [G] routed (non-padding) tokens, or samples for a per-sample router (MHR)
+    tokens: torch.Tensor  # [G] routed (non-padding) tokens; samples for MHR; sequences for routing_level='sequence'
     picks: torch.Tensor  # [G] (token, real expert) picks
     slots: torch.Tensor  # [G] (token, slot) pairs
     null: torch.Tensor  # [G] slots that went to a null expert

@@ -21,6 +21,7 @@ from peft.config import PeftConfig
 from ..._internal.registration import ensure_peft_type
 from ...ops import BACKENDS
 from ...routing.losses import LBC_FORMS
+from ...routing.sequence import ROUTING_LEVELS, SEQUENCE_POOLINGS
 
 ROUTER_GRANULARITIES = ("linear", "block")
 # expert_scaling: the power of the gate spread c that multiplies lora_alpha / r
@@ -144,6 +145,18 @@ class MoELoraConfig(ConfigFile):
         kernel_backend: how the experts are applied (`moe_peft.ops.apply_lora_experts`): "auto" (Triton
             kernels on CUDA, the torch path elsewhere), "torch", "triton", or a specific path; a runtime
             choice that does not change the numbers beyond floating-point rounding.
+        routing_level: "token" (default) routes every token from its own hidden state; "sequence" routes each
+            sample (each packed sequence, with packing) once, from its prompt's pooled hidden state, and every token of
+            it uses that choice: in training the prompt is the tokens before the first labelled one (labels != -100),
+            in generation the input of the first forward, whose choice later steps reuse (docs/methods.md,
+            "Sequence-level routing"). The router losses and statistics then count one decision per sequence.
+        sequence_pooling: with routing_level="sequence", how a prompt's states become the router input: "mean" over its
+            real tokens (default) or its "last" token.
+        router_input_layer: with routing_level="sequence", every router of the adapter reads the output of this
+            decoder layer (0-based; negative counts from the last) of the frozen base model instead of its own input,
+            rms-normalized and pooled over the prompt: a pre-pass of the base up to that layer runs under no_grad at
+            each forward that starts sequences (training steps, the prompt of a generation). None (default): each
+            router reads its own layer's input.
     """
 
     r: int = field(default=8, metadata={"help": "Rank of each LoRA expert."})
@@ -184,6 +197,17 @@ class MoELoraConfig(ConfigFile):
     )
     kernel_backend: str = field(
         default="auto", metadata={"help": "apply_lora_experts backend: 'auto', 'torch', 'triton', ..."}
+    )
+    routing_level: Literal["token", "sequence"] = field(
+        default="token",
+        metadata={"help": "'token': every token routed; 'sequence': each sample routed once from its prompt."},
+    )
+    sequence_pooling: Literal["mean", "last"] = field(
+        default="mean", metadata={"help": "routing_level='sequence': pool the prompt's states by 'mean' or 'last'."}
+    )
+    router_input_layer: Optional[int] = field(
+        default=None,
+        metadata={"help": "routing_level='sequence': routers read this decoder layer's output of the frozen base."},
     )
 
     # the PeftType name this config registers as; set by each subclass
@@ -237,6 +261,7 @@ class MoELoraConfig(ConfigFile):
             raise _bad("router_granularity", self.router_granularity, f"use one of {ROUTER_GRANULARITIES}.")
         if self.kernel_backend not in BACKENDS:
             raise _bad("kernel_backend", self.kernel_backend, f"use one of {BACKENDS}.")
+        self._validate_routing_level()
         if self.target_parameters is not None and (
             isinstance(self.target_parameters, str) or not all(isinstance(t, str) and t for t in self.target_parameters)
         ):
@@ -248,6 +273,29 @@ class MoELoraConfig(ConfigFile):
 
     def _num_null_experts(self) -> int:
         return 0
+
+    def _validate_routing_level(self) -> None:
+        if self.routing_level not in ROUTING_LEVELS:
+            raise _bad("routing_level", self.routing_level, f"use one of {ROUTING_LEVELS}.")
+        if self.sequence_pooling not in SEQUENCE_POOLINGS:
+            raise _bad("sequence_pooling", self.sequence_pooling, f"use one of {SEQUENCE_POOLINGS}.")
+        if self.routing_level == "token" and self.sequence_pooling != "mean":
+            raise _bad(
+                "sequence_pooling",
+                self.sequence_pooling,
+                "it pools a sequence's prompt for routing_level='sequence'; set routing_level='sequence' or leave "
+                "sequence_pooling unset.",
+            )
+        if self.router_input_layer is not None and self.routing_level != "sequence":
+            raise _bad(
+                "router_input_layer",
+                self.router_input_layer,
+                "a router reading a later layer needs routing_level='sequence': a token-level router at generation "
+                "would need the frozen base's hidden state of every new token, i.e. a second forward and KV cache of "
+                "the base up to that layer at every decoding step, kept in step with generate()'s own (beam search "
+                "reorders it); a sequence is routed once, at its prompt. Set routing_level='sequence', or leave "
+                "router_input_layer unset.",
+            )
 
 
 @dataclass
@@ -411,6 +459,13 @@ class MoLEConfig(MoELoraConfig):
                     "num_null_experts",
                     self.num_null_experts,
                     "null experts and modality_experts cannot be combined yet; drop one of them.",
+                )
+            if self.routing_level == "sequence":
+                raise _bad(
+                    "routing_level",
+                    self.routing_level,
+                    "modality_experts routes every token within its own modality group, while 'sequence' gives all "
+                    "tokens of a sample (image and text) one choice; use routing_level='token' with modality groups.",
                 )
         if self.plain_lora_modules is not None and not (
             isinstance(self.plain_lora_modules, str) or all(isinstance(m, str) and m for m in self.plain_lora_modules)

@@ -48,6 +48,7 @@ class MoELoraLinear(nn.Module, BaseTunerLayer):
         config: MoELoraConfig,
         routing_ctx: RoutingContext,
         plain: bool = False,
+        router_features: Optional[int] = None,
     ):
         super().__init__()
         if not isinstance(base_layer, nn.Linear):  # bitsandbytes' Linear4bit / Linear8bitLt are nn.Linear subclasses
@@ -75,7 +76,7 @@ class MoELoraLinear(nn.Module, BaseTunerLayer):
         # adapters that hold one plain LoRA here (MoLEConfig.plain_lora_modules): one expert, no router, weight 1
         self.plain_adapters: set[str] = set()
         self.module_name = type(self).__name__  # the tuner sets the module's path in the model
-        self.update_layer(adapter_name, config, plain=plain)
+        self.update_layer(adapter_name, config, plain=plain, router_features=router_features)
 
     # -- named views of the prefixed attributes ------------------------------------------------------
     @property
@@ -104,8 +105,15 @@ class MoELoraLinear(nn.Module, BaseTunerLayer):
 
     # -- adapter management --------------------------------------------------------------------------
     def update_layer(
-        self, adapter_name: str, config: MoELoraConfig, inference_mode: bool = False, plain: bool = False
+        self,
+        adapter_name: str,
+        config: MoELoraConfig,
+        inference_mode: bool = False,
+        plain: bool = False,
+        router_features: Optional[int] = None,
     ) -> None:
+        """router_features: what the router reads when not this layer's input: the model's hidden size for
+        router_input_layer (a later decoder layer's output; the tuner passes it)."""
         num_experts, rank = expert_bank_shape(config, plain)
         if plain:
             self.plain_adapters.add(adapter_name)
@@ -117,15 +125,15 @@ class MoELoraLinear(nn.Module, BaseTunerLayer):
         self.experts_A[adapter_name] = nn.Parameter(torch.empty(num_experts, rank, self.in_features))  # [E, r, in]
         self.experts_B[adapter_name] = nn.Parameter(torch.empty(num_experts, self.out_features, rank))  # [E, out, r]
         if config.router_granularity == "linear" and not plain:
-            self.routers[adapter_name] = build_router(config, self.in_features)
+            self.routers[adapter_name] = build_router(config, router_features or self.in_features)
         self.reset_parameters(adapter_name, config.init_lora_weights)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
-    def add_block_router(self, adapter_name: str, config: MoELoraConfig) -> None:
+    def add_block_router(self, adapter_name: str, config: MoELoraConfig, router_features: Optional[int] = None) -> None:
         """Make this layer the router owner of its block (router_granularity="block")."""
         if adapter_name not in self.routers:
-            self.routers[adapter_name] = build_router(config, self.in_features)
+            self.routers[adapter_name] = build_router(config, router_features or self.in_features)
             self._move_adapter_to_device_of_base_layer(adapter_name)
             self.set_adapter(self.active_adapters)
 
@@ -166,7 +174,8 @@ class MoELoraLinear(nn.Module, BaseTunerLayer):
         for adapter in self.active_adapters:
             if not self._owns_block_router(adapter):
                 continue
-            if x.shape[-1] != self.in_features:
+            reads_block = getattr(self.configs[adapter], "router_input_layer", None) is None
+            if reads_block and x.shape[-1] != self.in_features:
                 raise ValueError(
                     f"router_granularity='block': the block input has {x.shape[-1]} features but the router of "
                     f"adapter '{adapter}' reads {self.in_features} (it sits on the block's first adapted linear); "
@@ -186,6 +195,8 @@ class MoELoraLinear(nn.Module, BaseTunerLayer):
         loss, record = router_loss_and_stats(
             self.configs[adapter], routing, lead_shape, self._routing_ctx, num_experts, self.training, self.module_name
         )
+        if record is None:  # a later generation step reusing its prompt's sequence decisions: keep that record
+            return None
         if loss is not None and loss.requires_grad and self._routing_ctx.in_forward:
             record.graph_loss, loss = loss, None  # the tuner reports it with its graph: nothing to attach
         self.router_records[adapter] = record

@@ -16,6 +16,17 @@ def method_problem(config) -> str | None:
         return "SMoRA routes the ranks of one LoRA inside each projection"
     if not isinstance(config, MoLEConfig):
         return f"{type(config).__name__} routes every adapted module separately"
+    if getattr(config, "routing_level", "token") == "sequence":
+        return (
+            "routing_level='sequence' routes each sample once, from its prompt's pooled hidden state"
+            + (
+                f" (of decoder layer {config.router_input_layer} of the frozen base)"
+                if config.router_input_layer is not None
+                else ""
+            )
+            + ", and every token keeps that choice, while a stock sparse-MoE router routes each token from its own "
+            "hidden state"
+        )
     if config.router_granularity != "block":
         return (
             "router_granularity='linear' gives every projection its own router, so gate_proj, up_proj and down_proj "

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ...routing import DenseRouter, Routing, SMoRARouter, TopKRouter, losses
+from ...routing import DenseRouter, Routing, SMoRARouter, TopKRouter, losses, sequence
 from ...routing.context import RoutingContext
 from .config import LoRAMoEConfig, MoELoraConfig, MoLEConfig, SMoRAConfig
 
@@ -49,11 +49,89 @@ def build_router(config: MoELoraConfig, in_features: int) -> nn.Module:
 
 def route(config: MoELoraConfig, router: nn.Module, x: torch.Tensor, lead_shape: torch.Size, ctx: RoutingContext):
     """Route the tokens x [T, in] (leading dims lead_shape) with `router`; with modality groups (MoLEConfig.
-    modality_experts) each token's group comes from the routing context (docs/methods.md)."""
+    modality_experts) each token's group comes from the routing context (docs/methods.md); with
+    routing_level="sequence" each sequence is routed once and its tokens carry the decision (`route_sequences`)."""
+    if getattr(config, "routing_level", "token") == "sequence":
+        return route_sequences(config, router, x, lead_shape, ctx)
     groups = getattr(config, "modality_experts", None)
     if not groups:
         return router(x)
     return router(x, ctx.token_groups(tuple(groups), lead_shape).to(x.device))  # [T] long
+
+
+def route_sequences(
+    config: MoELoraConfig, router: nn.Module, x: torch.Tensor, lead_shape: torch.Size, ctx: RoutingContext
+) -> Routing:
+    """routing_level="sequence" (routing/sequence.py, docs/methods.md): pool each sequence's prompt states (the
+    router's own input x [T, in], or with router_input_layer the frozen base's layer output held on the context),
+    route the N pooled states once, and give every token its sequence's decision. A later generation step reuses
+    the decision stored at the prompt."""
+    if len(lead_shape) != 2:
+        raise ValueError(
+            f"routing_level='sequence' routes each sample of a [batch, seq] input, but a routed layer got tokens of "
+            f"shape {tuple(lead_shape)}; adapt only the language model's layers (never a vision tower)."
+        )
+    batch, seq = lead_shape
+    if ctx.sequence_continues:
+        stored = ctx.sequence_decisions.get(router)
+        if stored is None or stored.idx.shape[0] != batch:
+            have = None if stored is None else stored.idx.shape[0]
+            raise ValueError(
+                f"routing_level='sequence': this forward continues a KV cache (or is a later step of generate()), so "
+                f"its {batch} rows must reuse the routing chosen at their prompt, but the router holds "
+                f"{'none' if have is None else f'{have} rows'}. Call model.generate(...), or run the prompt through "
+                "the model (without a cache) before the steps that continue it, with the same batch."
+            )
+        rows = torch.arange(batch, device=x.device)  # [B]: one sequence per row in generation
+        token_decision = rows.repeat_interleave(seq)  # [T]
+        valid = torch.ones(batch, dtype=torch.bool, device=x.device)
+        return sequence.expand(
+            stored, token_decision, sequence.SequenceRouting(stored, token_decision, valid, rows, False)
+        )
+    prompt = ctx.sequence_prompt
+    if prompt is None or prompt.shape[0] != batch or prompt.shape[1] != seq:
+        raise ValueError(
+            f"routing_level='sequence' needs each token's sequence and prompt for the layer's [batch, seq] = "
+            f"{tuple(lead_shape)} tokens, but the forward gave {None if prompt is None else tuple(prompt.shape)}; call "
+            "the model through the PeftModel (its root pre-hook finds them) and adapt only the language model."
+        )
+    prompt = prompt.to(x.device)
+    plan = _cached(
+        ctx, ("plan", id(prompt)), prompt, lambda: sequence.sequence_plan(ctx.sequence_starts.to(x.device), prompt)
+    )
+    layer = getattr(config, "router_input_layer", None)
+    if layer is None:
+        pooled = sequence.pool(x.reshape(batch, seq, -1), prompt, plan, config.sequence_pooling)  # [T, in] -> [N, in]
+    else:
+        held = ctx.router_states
+        if held is None or layer not in ctx.router_state_layers or held.shape[:2] != (batch, seq):
+            raise RuntimeError(
+                f"router_input_layer={layer}: the hidden states of decoder layer {layer} were not computed for this "
+                "forward; call the model through the PeftModel (its root pre-hook runs the pre-pass)."
+            )
+        states = held[:, :, ctx.router_state_layers.index(layer)].to(x.device)  # [B, S, L, d] -> [B, S, d]
+        # every router of the adapter pools the same states: once per forward (and per mixed-batch view)
+        key = ("pooled", id(held), id(prompt), layer, config.sequence_pooling)
+        pooled = _cached(ctx, key, (held, prompt), lambda: sequence.pool(states, prompt, plan, config.sequence_pooling))
+    ctx.router_call.update(rows=plan.rows, valid=plan.valid)  # for hooks on the router (the statistics probe)
+    try:
+        decisions = router(pooled.to(x.device))  # Routing of the N sequences: idx, weights [N, k]
+    finally:
+        ctx.router_call.clear()
+    if plan.num == batch:  # one sequence per row (no packing): what a later generation step reuses
+        ctx.sequence_decisions[router] = sequence.detached(decisions)
+    token_decision = plan.segment.reshape(-1)  # [B, S] -> [T]
+    seqs = sequence.SequenceRouting(decisions, token_decision, plan.valid, plan.rows, True)
+    return sequence.expand(decisions, token_decision, seqs)
+
+
+def _cached(ctx: RoutingContext, key, keep, compute):
+    """A value computed once per forward and shared by the routers (the sequence plan, pooled layer states); the
+    entry holds `keep` so that the ids in its key stay those of live tensors."""
+    found = ctx.sequence_cache.get(key)
+    if found is None:
+        found = ctx.sequence_cache[key] = (keep, compute())
+    return found[1]
 
 
 def plain_routing(num_tokens: int, device: torch.device) -> Routing:
@@ -86,6 +164,8 @@ class RouterRecord:
     groups: Optional[dict[str, tuple[torch.Tensor, torch.Tensor]]] = None
     # the loss with its graph, from a forward run with grad enabled; the tuner takes it (and clears it)
     graph_loss: Optional[torch.Tensor] = None
+    # routing_level="sequence": the rows counted above are sequences (one decision each), num_tokens their number
+    sequences: bool = False
 
 
 def _masked(routing: Routing, mask: Optional[torch.Tensor]) -> Routing:
@@ -109,15 +189,27 @@ def router_loss_and_stats(
     num_experts: int,
     training: bool,
     where: str = "a routed layer",
-) -> tuple[Optional[torch.Tensor], RouterRecord]:
+) -> tuple[Optional[torch.Tensor], Optional[RouterRecord]]:
     """Weighted router losses of one layer (padding excluded) and its statistics.
 
     Tokens whose router logits are not finite (NaN or inf hidden states: an fp16 overflow, a NaN in the input) are
     left out of both, with a warning that names the layer: a NaN would otherwise poison the balance loss, and SMoRA's
     counts would count whatever expert top-k picked among NaNs. (Routers compute in float32, so fp16 activations
     alone do not overflow the logits.)
+
+    With routing_level="sequence" the rows are the forward's sequences, each counted once (its decision), not its
+    tokens: the losses and statistics below act on the N decisions of the sequences that have a prompt token
+    (docs/methods.md, "Sequence-level routing"). A later generation step that reuses the decisions of its prompt
+    makes none: (None, None), and the layer keeps the prompt's record.
     """
-    mask = ctx.token_mask(lead_shape)  # [T] or None
+    seqs = routing.sequences
+    if seqs is not None:
+        if not seqs.fresh:
+            return None, None
+        routing, mask = seqs.decisions, seqs.valid  # [N, ...] decisions, [N] bool
+        lead_shape = torch.Size((mask.shape[0], 1))  # [N, 1]: a decision is a one-token "sample" for the LBC below
+    else:
+        mask = ctx.token_mask(lead_shape)  # [T] or None
     finite = torch.isfinite(routing.logits)  # [T, E]
     group_sizes = getattr(config, "group_sizes", None)
     if group_sizes is not None and routing.groups is not None:
@@ -150,6 +242,7 @@ def router_loss_and_stats(
         counts=counts.detach(),
         num_tokens=num_tokens,
         experts_per_token=valid.sum() / max(num_tokens, 1),  # top-p and null experts make it vary
+        sequences=seqs is not None,
     )
     if group_sizes is not None and r.groups is not None:
         record.groups = _group_stats(config.modality_experts, counts, r.groups, r.idx.shape[1])
@@ -168,6 +261,12 @@ def router_loss_and_stats(
     if isinstance(config, MoLEConfig) and config.router_entropy_loss_coef > 0:
         terms.append(config.router_entropy_loss_coef * losses.entropy(r.probs[:, : config.num_experts]))
     if isinstance(config, LoRAMoEConfig) and config.blc_weight > 0 and ctx.sample_types is not None:
+        if seqs is not None and seqs.rows.shape[0] != ctx.sample_types.shape[0]:
+            raise ValueError(
+                f"LoRAMoE's localized balancing reads one sample_types entry per row, but routing_level='sequence' "
+                f"found {seqs.rows.shape[0]} packed sequences in {ctx.sample_types.shape[0]} rows, so a row's type "
+                "does not tell each sequence's; train without packing, or with blc_weight=0."
+            )
         if len(lead_shape) == 2 and ctx.sample_types.shape[0] == lead_shape[0]:
             token_mask = (
                 mask.view(lead_shape)

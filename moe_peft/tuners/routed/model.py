@@ -18,7 +18,8 @@ from ..._internal.accumulation import label_share
 from ..._internal.quantized import refuse_quantized_merge
 from ..._internal.state_dict import AdapterNameKeys, FullStateDictKeys
 from ..._internal.targets import TargetCheck
-from ...routing.context import RoutingContext, attach_router_loss, router_loss_probe
+from ...routing import sequence
+from ...routing.context import RoutingContext, attach_router_loss, padding_mask, router_loss_probe
 from .config import MoELoraConfig, SMoRAConfig
 from .experts import LoRAMoEExperts, MoELoraExperts, MoLEExperts, SMoRAExperts, inject_fused_experts
 from .layer import LoRAMoELinear, MoELoraLinear, MoLELinear, SMoRALinear
@@ -84,11 +85,14 @@ class _GenerateWithRoutingInputs:
     def __call__(self, *args: Any, sample_types: Optional[torch.Tensor] = None, token_types=None, **kwargs: Any):
         self.routing_ctx.sticky_sample_types = sample_types
         self.routing_ctx.sticky_token_types = None if token_types is None else _as_token_types(token_types)
+        # sequence-level routing: the first forward of the call is the prompt, the later ones reuse its decisions
+        self.routing_ctx.generate_forwards = 0
         try:
             return type(self.model).generate(self.model, *args, **kwargs)
         finally:
             self.routing_ctx.sticky_sample_types = None
             self.routing_ctx.sticky_token_types = None
+            self.routing_ctx.generate_forwards = None
 
 
 class MoELoraModel(AdapterNameKeys, FullStateDictKeys, TargetCheck, BaseTuner):
@@ -121,7 +125,7 @@ class MoELoraModel(AdapterNameKeys, FullStateDictKeys, TargetCheck, BaseTuner):
     ) -> None:
         plain = _is_plain_lora(config, current_key)
         if isinstance(target, self.linear_layer_cls):
-            target.update_layer(adapter_name, config, plain=plain)
+            target.update_layer(adapter_name, config, plain=plain, router_features=self._router_features(config))
             target.module_name = current_key
             return
         if isinstance(target, BaseTunerLayer):
@@ -132,7 +136,9 @@ class MoELoraModel(AdapterNameKeys, FullStateDictKeys, TargetCheck, BaseTuner):
                 "only. Remove it from target_modules (or exclude it with exclude_modules); name fused 3-D expert "
                 "weights in target_parameters instead."
             )
-        new_module = self.linear_layer_cls(target, adapter_name, config, self.routing_ctx, plain=plain)
+        new_module = self.linear_layer_cls(
+            target, adapter_name, config, self.routing_ctx, plain=plain, router_features=self._router_features(config)
+        )
         new_module.module_name = current_key  # named in warnings and errors
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # an added adapter is not trainable until set_adapter
@@ -151,6 +157,31 @@ class MoELoraModel(AdapterNameKeys, FullStateDictKeys, TargetCheck, BaseTuner):
         super().inject_adapter(model, adapter_name, *args, **kwargs)
         if self.peft_config[adapter_name].router_granularity == "block":
             self._setup_block_routing(adapter_name)
+        self._check_sequence_routing(adapter_name)
+
+    def _router_features(self, config: MoELoraConfig) -> Optional[int]:
+        """What a router reads when it does not read its own layer's input: the model's hidden size for
+        router_input_layer (the output of a decoder layer); None otherwise."""
+        if getattr(config, "router_input_layer", None) is None:
+            return None
+        model_config = self.model.config
+        text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+        return int(text.hidden_size)
+
+    def _check_sequence_routing(self, adapter_name: str) -> None:
+        """routing_level="sequence" acts on the adapter's own routers, and router_input_layer names a layer the model
+        has: say so now rather than ignore the option."""
+        config = self.peft_config[adapter_name]
+        if getattr(config, "routing_level", "token") != "sequence":
+            return
+        if not any(adapter_name in layer.routers for _, layer in self._moe_layers()):
+            raise ValueError(
+                f"routing_level='sequence' routes adapter '{adapter_name}'s own routers, but it has none: fused "
+                "experts (target_parameters) follow the base model's router and plain_lora_modules have no router. "
+                "Add routed target_modules, or use routing_level='token'."
+            )
+        if config.router_input_layer is not None:
+            resolve_layer(decoder_layers(self.model), config.router_input_layer)
 
     def _moe_layers(self):
         for name, module in self.model.named_modules():
@@ -167,7 +198,7 @@ class MoELoraModel(AdapterNameKeys, FullStateDictKeys, TargetCheck, BaseTuner):
         hooks = self.__dict__.setdefault("_moe_block_hooks", {})
         for parent_name, layers in blocks.items():
             owner = layers[0]
-            owner.add_block_router(adapter_name, config)
+            owner.add_block_router(adapter_name, config, self._router_features(config))
             for layer in layers:
                 layer._router_owner[adapter_name] = owner
             if parent_name not in hooks:
@@ -229,14 +260,114 @@ class MoELoraModel(AdapterNameKeys, FullStateDictKeys, TargetCheck, BaseTuner):
             sample_types = as_sample_types(sample_types, None if given is None else _batch_size(args, kwargs))
         token_types = kwargs.pop("token_types", None)
         attention_mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        attention_mask = attention_mask if isinstance(attention_mask, torch.Tensor) else None
         token_types, image_tokens = self._token_modality(module, args, kwargs, token_types)
         ctx.start_forward(
-            attention_mask if isinstance(attention_mask, torch.Tensor) else None,
+            attention_mask,
             sample_types,
             token_types,
             image_tokens,
+            **self._sequence_inputs(module, args, kwargs, attention_mask),
         )
+        if ctx.sequence_prompt is not None:
+            self._router_input_prepass(module, args, kwargs)
         return args, kwargs
+
+    def _sequence_inputs(self, module: nn.Module, args: tuple, kwargs: dict, attention_mask) -> dict:
+        """For adapters with routing_level="sequence" (routing/sequence.py): whether this forward continues a
+        generation (a later generate() step, or a forward continuing a KV cache: its rows reuse the decisions of
+        their prompt), else each token's sequence and which tokens are its prompt."""
+        if not any(getattr(c, "routing_level", "token") == "sequence" for c in self.peft_config.values()):
+            return {}
+        ctx = self.routing_ctx
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        cached = int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else 0
+        step = ctx.generate_forwards
+        if step is not None:
+            ctx.generate_forwards = step + 1
+        if cached > 0 or (step is not None and step > 0):
+            return {"sequence_continues": True}
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        tokens = input_ids if isinstance(input_ids, torch.Tensor) else kwargs.get("inputs_embeds")
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() < 2:
+            return {}  # the routed layers then say what is missing
+        batch, seq = tokens.shape[:2]
+        real = padding_mask(attention_mask)
+        real = torch.ones(batch, seq, dtype=torch.bool, device=tokens.device) if real is None else real
+        if tuple(real.shape) != (batch, seq):
+            raise ValueError(
+                f"routing_level='sequence': attention_mask gives padding for {tuple(real.shape)} tokens but the input "
+                f"has [batch, seq] = {(batch, seq)}; pass a mask of the input's shape."
+            )
+        labels = kwargs.get("labels")
+        if isinstance(labels, torch.Tensor) and tuple(labels.shape) != (batch, seq):
+            raise ValueError(
+                f"routing_level='sequence' finds each sample's prompt from labels (the tokens before the first label "
+                f"!= -100), but labels has shape {tuple(labels.shape)} for an input of {(batch, seq)}; pass labels "
+                "aligned with input_ids (unshifted, -100 on the prompt and padding)."
+            )
+        labels = labels if isinstance(labels, torch.Tensor) else None
+        position_ids = kwargs.get("position_ids")
+        starts = sequence.sequence_starts(real, position_ids if isinstance(position_ids, torch.Tensor) else None)
+        prompt = sequence.prompt_tokens(real, starts, labels)
+        if module.training and torch.is_grad_enabled():
+            _warn_unless_prompted(real, starts, prompt, labels)
+        return {"sequence_prompt": prompt, "sequence_starts": starts}
+
+    def _router_input_prepass(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """router_input_layer: run the frozen base (every moe-peft layer disabled) up to the deepest requested decoder
+        layer under no_grad, and keep each requested layer's rms-normalized output for the routers
+        (ctx.router_states [B, S, L, d]). The base's hidden states do not depend on the routing, so every routed
+        block, before or after that layer, reads the same signal; the pre-pass stops at the layer, so it costs
+        L + 1 decoder layers' forward without the activations a backward would keep (benchmarks/sequence_routing.py
+        measures it)."""
+        wanted = sorted(
+            {
+                c.router_input_layer
+                for c in self.peft_config.values()
+                if getattr(c, "routing_level", "token") == "sequence" and c.router_input_layer is not None
+            }
+        )
+        if not wanted:
+            return
+        layers = [m for m in self.model.modules() if isinstance(m, (MoELoraLinear, MoELoraExperts))]
+        if not layers or layers[0].disable_adapters:
+            return
+        decoder = decoder_layers(module)
+        resolved = {raw: resolve_layer(decoder, raw) for raw in wanted}
+        last = max(resolved.values())
+        captured: dict[int, torch.Tensor] = {}
+
+        def capture(index: int):
+            def hook(mod, inputs, output):
+                captured[index] = output[0] if isinstance(output, tuple) else output  # [B, S, d]
+                if index == last:
+                    raise _PrepassDone
+
+            return hook
+
+        handles = [decoder[i].register_forward_hook(capture(i)) for i in sorted(set(resolved.values()))]
+        disabled = [(m, m._disable_adapters) for m in layers]
+        inputs = {k: v for k, v in kwargs.items() if k not in _PREPASS_DROPPED}
+        inputs["use_cache"] = False
+        try:
+            for m, _ in disabled:
+                m._disable_adapters = True  # the attribute only: enable_adapters() would change requires_grad
+            with torch.no_grad():
+                module.forward(*args, **inputs)  # forward, not __call__: the root hooks run for the real forward only
+        except _PrepassDone:
+            pass
+        finally:
+            for m, was in disabled:
+                m._disable_adapters = was
+            for h in handles:
+                h.remove()
+        if last not in captured:
+            raise RuntimeError(f"router_input_layer: decoder layer {last} did not run in the pre-pass.")
+        states = [sequence.rms_normalized(captured[resolved[raw]]) for raw in wanted]  # [B, S, d] each
+        ctx = self.routing_ctx
+        ctx.router_states = torch.stack(states, dim=2)  # [B, S, L, d]
+        ctx.router_state_layers = tuple(wanted)
 
     def _token_modality(self, module: nn.Module, args: tuple, kwargs: dict, token_types):
         """(token_types [B, S], image_tokens [B, S]) of this forward's input positions, for adapters with modality
@@ -319,6 +450,58 @@ class MoELoraModel(AdapterNameKeys, FullStateDictKeys, TargetCheck, BaseTuner):
         if isinstance(outputs, dict):  # a ModelOutput (a plain tensor or tuple output has no room for it)
             outputs["router_loss"] = router_loss
         return outputs
+
+
+# keywords the router_input_layer pre-pass does not pass on: the loss and the KV cache belong to the real forward
+_PREPASS_DROPPED = ("labels", "cache", "past_key_values", "num_items_in_batch", "logits_to_keep", "shift_labels")
+
+
+class _PrepassDone(Exception):
+    """Raised by the hook on the deepest decoder layer the pre-pass needs: the rest of the model does not run."""
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a transformers model (`get_decoder().layers`; LLaVA: its language model's)."""
+    getter = getattr(model, "get_decoder", None)
+    decoder = getter() if callable(getter) else None
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(
+            f"router_input_layer: cannot find the decoder layers of {type(model).__name__} (model.get_decoder().layers, "
+            "which transformers' decoder models have); leave router_input_layer unset for this model."
+        )
+    return layers
+
+
+def resolve_layer(layers: nn.ModuleList, index: int) -> int:
+    """router_input_layer as an index into the decoder layers (negative counts from the last)."""
+    if not -len(layers) <= index < len(layers):
+        raise ValueError(
+            f"router_input_layer={index} is invalid: the model has {len(layers)} decoder layers; use 0..{len(layers) - 1}"
+            f" (or -1 for the last)."
+        )
+    return index % len(layers)
+
+
+def _warn_unless_prompted(real: torch.Tensor, starts: torch.Tensor, prompt: torch.Tensor, labels) -> None:
+    """A training forward routed by sequence should say which tokens are the prompt: without labels (or with a label
+    on every token), its sequences would be routed from tokens that generation does not see first."""
+    if labels is None:
+        warnings.warn(
+            "routing_level='sequence': a training forward without labels routes every sample from all of its tokens "
+            "(the answer included), while generation routes it from the prompt alone. Pass labels with -100 on the "
+            "prompt (TRL: completion_only_loss) so that training routes as generation does.",
+            stacklevel=4,
+        )
+        return
+    only_first = sequence.label_only_sequences(real, starts, prompt)
+    if only_first:
+        warnings.warn(
+            f"routing_level='sequence': {only_first} sequence(s) of this training batch have a label on every token "
+            "after the first, so they are routed from their first token only. Sequence routing reads the prompt: "
+            "train on prompt/completion rows with -100 on the prompt's labels (TRL: completion_only_loss).",
+            stacklevel=4,
+        )
 
 
 def _as_token_types(token_types) -> torch.Tensor:
@@ -422,7 +605,9 @@ def routing_stats(model: nn.Module, adapter_name: Optional[str] = None) -> dict[
     experts per token (mean number of real experts per non-padding token: what top-p and null-expert papers
     report), the layer's weighted router loss and the number of routed (non-padding) tokens. With modality
     groups (MoLEConfig.modality_experts) also `groups`: per group name, its experts' load over the group's own
-    (token, slot) picks and its number of tokens."""
+    (token, slot) picks and its number of tokens. With routing_level="sequence" the rows are the sequences, one
+    decision each ("tokens" counts the routed sequences, "load" their picks), marked `"routing_level": "sequence"`;
+    a later generation step keeps its prompt's entry."""
     tuner = _tuner(model)
     stats = {}
     for name, layer in tuner._moe_layers():
@@ -436,6 +621,8 @@ def routing_stats(model: nn.Module, adapter_name: Optional[str] = None) -> dict[
                 "loss": None if record.loss is None else float(record.loss),
                 "tokens": record.num_tokens,
             }
+            if record.sequences:  # routing_level="sequence": the counts are per sequence (one decision each)
+                entry["routing_level"] = "sequence"
             if record.groups is not None:  # modality groups: each group's load over its own picks
                 entry["groups"] = {
                     g: {"load": load.tolist(), "tokens": int(tokens)} for g, (load, tokens) in record.groups.items()
