@@ -56,6 +56,7 @@ VARIANTS = {
     "bal0": lambda: _mole(router_aux_loss_coef=0.0),
     "bal10x": lambda: _mole(router_aux_loss_coef=0.1),
     "router_lr10": lambda: Method("x", "moe", _mole().config, router_lr_scale=10.0),
+    "router_lr0": lambda: Method("x", "moe", _mole().config, router_lr_scale=0.0),  # routers frozen at init
     "router_lr0.1": lambda: Method("x", "moe", _mole().config, router_lr_scale=0.1),
     # LoRA at one expert's rank: MoLE top-1's active parameters per token (equal active, not equal trainable)
     "lora_r5": lambda: Method("x", "lora", lambda r: LoraConfig(r=5, lora_alpha=10, **COMMON)),
@@ -66,6 +67,8 @@ for _k in (1, 3, 7):
         VARIANTS[f"smora_k{_k}_u{_u:g}"] = lambda k=_k, u=_u: Method(
             "x", "moe", lambda r: SMoRAConfig(r=21, lora_alpha=42, top_k=k, bias_update_rate=u, **COMMON)
         )
+# k=1 at k=3's scale: SMoRA scales by lora_alpha / top_k, so alpha = 2r = 42 gives 42 at k=1 and 14 at k=3
+VARIANTS["smora_k1_alpha14"] = lambda: Method("x", "moe", lambda r: SMoRAConfig(r=21, lora_alpha=14, top_k=1, **COMMON))
 LR = {name: 1e-3 for name in VARIANTS if name.startswith("smora")}  # the suite's chosen rate per row; else 3e-3
 
 
