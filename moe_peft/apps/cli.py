@@ -18,13 +18,13 @@ def main(argv: list[str] | None = None) -> int:
         "chat template, facts it knew before and after (docs/real-base.md)",
     )  # fmt: skip
     demo.add_argument("--out", default=None, help="where the adapter is saved (default out/demo, out/demo_<base>)")
-    demo.add_argument("--steps", type=int, default=None, help="default 2000 (tiny), 60 (smollm2-135m)")
+    demo.add_argument("--steps", type=int, default=None, help="default 2000 (tiny), 40 (smollm2-135m)")
     demo.add_argument("--batch-size", type=int, default=None, help="default 32 (tiny), 8 (smollm2-135m)")
-    demo.add_argument("--lr", type=float, default=None, help="default 3e-3 (tiny), 1e-3 (smollm2-135m)")
+    demo.add_argument("--lr", type=float, default=None, help="default 3e-3 (tiny), 2e-3 (smollm2-135m)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument(
-        "--threads", type=int, default=None, help="torch threads (default 1 for the tiny model: the fastest, "
-        "reproducible; 2 for a real base)",
+        "--threads", type=int, default=None, help="torch threads (default 1: the fastest for the tiny model and "
+        "reproducible; for a real base on a shared machine a second thread can make a step 10x slower)",
     )  # fmt: skip
     bench = sub.add_parser("bench", help="benchmarks that print ratios against baselines run in the same process")
     bench.add_argument(

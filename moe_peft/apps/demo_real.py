@@ -1,6 +1,6 @@
 """`moe-peft demo --base smollm2-135m`: MoLE on a real chat model, in a few minutes on a 2-core CPU.
 
-    moe-peft demo --base smollm2-135m              # converts the GGUF file once (~30 s), then trains 60 steps
+    moe-peft demo --base smollm2-135m              # converts the GGUF file once (~30 s), then trains 40 steps
     moe-peft demo --base smollm2-135m --steps 20   # a quicker look
 
 It loads SmolLM2-135M-Instruct (moe_peft.bases.real), asks it a few instruction prompts and a set of facts, trains a
@@ -39,7 +39,7 @@ from ..data.instructions import (
 from ..tuners.routed.config import MoLEConfig
 from ..tuners.routed.model import routing_stats
 
-DEMO_TASKS = ("first", "last", "upper", "initials")
+DEMO_TASKS = ("first", "last", "reverse", "initials")
 DEMO_FACTS = 24  # the first facts of moe_peft.data.instructions.FACTS: asked before and after
 
 
@@ -63,16 +63,18 @@ def _load_by_task(model, tokenizer, samples: list[dict]) -> dict[str, list[float
 def run_real_demo(
     base: str = "smollm2-135m",
     out_dir: str = "out/demo_smollm2-135m",
-    steps: int = 60,
+    steps: int = 40,
     batch_size: int = 8,
-    lr: float = 1e-3,
+    lr: float = 2e-3,
     seed: int = 0,
-    threads: Optional[int] = 2,
+    threads: Optional[int] = 1,
     dtype: str = "bfloat16",
     log: Callable = print,
 ) -> dict:
     """Train, compare before and after, save, reload. dtype: "bfloat16" (CPU autocast, the weights stay float32;
-    about twice as fast on a CPU with bf16 instructions) or "float32"."""
+    about twice as fast on a CPU with bf16 instructions) or "float32". threads: torch threads; 1 by default: on a
+    shared machine a second thread waits for a core another process holds, and a step took 10x longer (measured:
+    46 s against 4.5 s with one thread while another job ran; docs/real-base.md)."""
     from peft import PeftModel, get_peft_model
 
     if dtype not in ("bfloat16", "float32"):
@@ -81,6 +83,9 @@ def run_real_demo(
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}={value!r} is invalid: use a positive integer.")
     warnings.filterwarnings("ignore", category=FutureWarning)
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # the weight-loading bars of the two loads
     if threads is not None:
         torch.set_num_threads(threads)
     amp = torch.bfloat16 if dtype == "bfloat16" else None
