@@ -19,7 +19,8 @@ from moe_peft.train.config import ConfigError, apply_override, load_config, meth
 from moe_peft.train.run import train_from_config
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+# the configs on the bundled tiny bases; those on a real base (model: smollm2-135m) are checked in tests/test_real_base.py
+CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if not p.stem.endswith("_smollm2"))
 METHODS = ["loramoe", "mhr", "mole", "phatgoose", "roma", "smora"]
 
 

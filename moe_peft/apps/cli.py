@@ -5,19 +5,27 @@ from __future__ import annotations
 import argparse
 import sys
 
+REAL_BASE_NAMES = ("smollm2-135m",)  # moe_peft.bases.real.REAL_BASES, without importing torch for --help
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="moe-peft", description="Mixture-of-LoRA-experts fine-tuning on PEFT.")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train MoLE on a built-in tiny model and bundled data, save, reload, generate")
-    demo.add_argument("--out", default="out/demo", help="where the base model and adapter are saved")
-    demo.add_argument("--steps", type=int, default=2000)
-    demo.add_argument("--batch-size", type=int, default=32)
-    demo.add_argument("--lr", type=float, default=3e-3)
+    demo.add_argument(
+        "--base", default="tiny", choices=["tiny", *REAL_BASE_NAMES],
+        help="tiny: the built-in tiny Llama (default); smollm2-135m: a real chat model, instruction tasks through its "
+        "chat template, facts it knew before and after (docs/real-base.md)",
+    )  # fmt: skip
+    demo.add_argument("--out", default=None, help="where the adapter is saved (default out/demo, out/demo_<base>)")
+    demo.add_argument("--steps", type=int, default=None, help="default 2000 (tiny), 40 (smollm2-135m)")
+    demo.add_argument("--batch-size", type=int, default=None, help="default 32 (tiny), 8 (smollm2-135m)")
+    demo.add_argument("--lr", type=float, default=None, help="default 3e-3 (tiny), 2e-3 (smollm2-135m)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument(
-        "--threads", type=int, default=1, help="torch threads (default 1: the fastest for a tiny model, reproducible)"
-    )
+        "--threads", type=int, default=None, help="torch threads (default 1: the fastest for the tiny model and "
+        "reproducible; for a real base on a shared machine a second thread can make a step 10x slower)",
+    )  # fmt: skip
     bench = sub.add_parser("bench", help="benchmarks that print ratios against baselines run in the same process")
     bench.add_argument(
         "what",
@@ -37,6 +45,19 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--methods", default=None, help="quality only: comma-separated method names (default: all)")
     bench.add_argument("--cache", default=None, help="quality only: where the pre-trained base is cached")
     bench.add_argument("--fresh", action="store_true", help="quality only: rerun instead of reusing results.jsonl")
+    bench.add_argument(
+        "--suite", default="tiny", choices=["tiny", *REAL_BASE_NAMES],
+        help="quality only: tiny (the tiny pre-trained Llama, default) or smollm2-135m (a real chat model; "
+        "--device, --dtype, --workers apply)",
+    )  # fmt: skip
+    bench.add_argument(
+        "--dtype", default=None, choices=["bfloat16", "float32"],
+        help="quality --suite smollm2-135m: bfloat16 autocast (default) or float32",
+    )  # fmt: skip
+    bench.add_argument(
+        "--workers", type=int, default=None,
+        help="quality --suite smollm2-135m: runs at a time, each in its own process (default 1; 2 on 2 cores)",
+    )  # fmt: skip
     train = sub.add_parser(
         "train", help="train an adapter from a YAML config with MoESFTTrainer (TRL), save it and its plots"
     )
@@ -70,20 +91,34 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_merge(args)
     if args.command == "demo":
-        from .demo import run_demo
+        given = {k: v for k, v in vars(args).items() if k in ("steps", "batch_size", "lr", "threads") and v is not None}
+        if args.base == "tiny":
+            from .demo import run_demo
 
-        run_demo(
-            out_dir=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-            threads=args.threads,
-        )  # fmt: skip
+            run_demo(out_dir=args.out or "out/demo", seed=args.seed, **given)
+        else:
+            from .demo_real import run_real_demo
+
+            run_real_demo(base=args.base, out_dir=args.out or f"out/demo_{args.base}", seed=args.seed, **given)
     elif args.command == "bench":
         import torch
 
         if args.threads:
             torch.set_num_threads(args.threads)
-        if args.what == "quality":
+        if args.what == "quality" and args.suite != "tiny":
+            from ..bench.quality_real import bench_quality_real
+
+            bench_quality_real(
+                out_dir=args.out if args.out != "out/quality" else f"out/quality_{args.suite}", quick=args.quick,
+                methods=[m.strip() for m in args.methods.split(",")] if args.methods else None, cache_dir=args.cache,
+                fresh=args.fresh, threads=args.threads or 1, workers=args.workers or 1,
+                device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), dtype=args.dtype,
+            )  # fmt: skip
+        elif args.what == "quality":
             from ..bench.quality import bench_quality
 
+            if args.dtype is not None or args.workers is not None:
+                parser.error("--dtype and --workers apply to --suite smollm2-135m only (the tiny suite runs on CPU).")
             methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
             bench_quality(
                 out_dir=args.out, quick=args.quick, methods=methods, cache_dir=args.cache, fresh=args.fresh,

@@ -1,10 +1,12 @@
-"""Base models that need no download: tiny Llama, dense, MoE (Mixtral, OLMoE, Qwen3-MoE, ...) and LLaVA models built
-from configs, and the tiny Llama pre-trained on the bundled string tasks (tiny.py) that the demo, the tests and the
-examples use.
+"""Base models: tiny Llama, dense, MoE (Mixtral, OLMoE, Qwen3-MoE, ...) and LLaVA models built from configs, and
+the tiny Llama pre-trained on the bundled string tasks (tiny.py) that the demo, the tests and the examples use; and
+real pre-trained models fetched once and cached (real.py: `load("smollm2-135m")`, docs/real-base.md).
 
 It uses the bundled data and nothing of the tuners.
 """
 
+from .cache import cache_root
+from .real import REAL_BASES, RealBaseError, base_path, load
 from .tiny import (
     TINY_CHAT_TEMPLATE,
     char_tokenizer,
@@ -18,6 +20,11 @@ from .tiny import (
 )
 
 __all__ = [
+    "load",
+    "base_path",
+    "REAL_BASES",
+    "RealBaseError",
+    "cache_root",
     "tiny_llama",
     "tiny_dense",
     "tiny_moe",

@@ -157,9 +157,15 @@ def _model_inputs(batch: dict, method: Optional[Method]) -> dict:
 
 
 # -- training and evaluation ----------------------------------------------------------------------------------------
-def train(model, batches: list[dict], lr: float, method: Optional[Method] = None) -> tuple[list[float], float]:
+def train(
+    model, batches: list[dict], lr: float, method: Optional[Method] = None, device=None, autocast_dtype=None
+) -> tuple[list[float], float]:
     """AdamW (no weight decay), one-cycle schedule (10% warm-up, cosine decay), the loss the model returns (task +
-    router losses); one pass over `batches`. Returns the losses and the median seconds per step."""
+    router losses); one pass over `batches`. Returns the losses and the median seconds per step. device: where the
+    batches go (the model is there already); autocast_dtype: mixed precision (torch.autocast on that device, the
+    weights stay float32), None for none."""
+    import contextlib
+
     scale = method.router_lr_scale if method is not None else 1.0
     groups: dict[bool, list] = {False: [], True: []}  # is a router parameter -> parameters
     for name, p in model.named_parameters():
@@ -172,15 +178,18 @@ def train(model, batches: list[dict], lr: float, method: Optional[Method] = None
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=len(batches), pct_start=0.1)
     model.train()
     losses, times = [], []
+    device = torch.device(device or "cpu")
     for batch in batches:
         t0 = time.perf_counter()
-        loss = model(**_model_inputs(batch, method)).loss
+        inputs = {k: v.to(device) for k, v in _model_inputs(batch, method).items()}
+        with torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext():
+            loss = model(**inputs).loss
         loss.backward()
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())  # a host sync: the step is over when it is timed
         times.append(time.perf_counter() - t0)
-        losses.append(loss.item())
     model.eval()
     return losses, statistics.median(times) if times else 0.0
 

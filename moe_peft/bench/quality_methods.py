@@ -155,10 +155,14 @@ def params_of(method: Method, base: nn.Module, rank: int, num_experts: int) -> i
     return count_trainable(get_peft_model(copy.deepcopy(base), method.config(rank)))
 
 
-def fit_rank(method: Method, base: nn.Module, budget: int, num_experts: int, max_rank: int = 256) -> tuple[int, int]:
-    """(rank, trainable parameters) closest to `budget`; ValueError when even the closest is more than 5% off."""
+def fit_rank(
+    method: Method, base: nn.Module, budget: int, num_experts: int, max_rank: int = 256, min_rank: int = 1
+) -> tuple[int, int]:
+    """(rank, trainable parameters) closest to `budget`; ValueError when even the closest is more than 5% off.
+    The count grows with the rank, so the search starts at `min_rank` (a lower bound known to the caller saves
+    building the smaller adapters) and stops at the first rank above the budget."""
     best = None
-    for rank in range(1, max_rank + 1):
+    for rank in range(min_rank, max_rank + 1):
         try:
             n = params_of(method, base, rank, num_experts)
         except ValueError:  # a rank the config refuses (e.g. SMoRA with top_k > r)

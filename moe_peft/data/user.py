@@ -45,7 +45,8 @@ class DataConfig:
     """The `data:` block of a training YAML (each key is a field here).
 
     Args:
-        train: "bundled" (moe_peft.data.bundled's synthetic tasks), a local .json / .jsonl / .csv file, a directory saved
+        train: "bundled" (moe_peft.data.bundled's synthetic tasks), "instructions" (moe_peft.data.instructions' chat
+            tasks for a real chat model, named in bundled_tasks), a local .json / .jsonl / .csv file, a directory saved
             with `Dataset.save_to_disk`, or a `datasets` name (`datasets.load_dataset(train, subset, split=split)`).
         format: "auto" (a row with `messages_field` is chat, any other a pair), "messages" or "pairs".
         prompt_field / response_field / input_field: field names of pairs (None: the first of PROMPT_FIELDS /
@@ -101,6 +102,16 @@ def _records(config: DataConfig) -> Iterator[tuple[str, Any]]:
     if source == "bundled":
         for i, row in enumerate(make_samples(config.bundled_samples, config.bundled_tasks, config.bundled_seed)):
             yield f"bundled data, row {i + 1}", row
+        return
+    if source == "instructions":  # natural-language chat tasks for a real chat model (instructions.py)
+        from .instructions import instruction_records
+
+        try:
+            records = instruction_records(config.bundled_tasks, config.bundled_samples, config.bundled_seed)
+        except ValueError as error:
+            raise DataError(str(error)) from None
+        for i, row in enumerate(records):
+            yield f"instruction data, row {i + 1}", row
         return
     ext = os.path.splitext(source)[1].lower()
     if os.path.isfile(source):

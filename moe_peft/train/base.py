@@ -1,5 +1,6 @@
 """The base model of a training run: `model: tiny` (a bundled tiny model trained in full on bundled tasks, cached
-on disk so that adapters record a path they reload from) or a hub id / local path."""
+on disk so that adapters record a path they reload from), a real base by name (`model: smollm2-135m`, converted once
+into the same cache: moe_peft.bases.real) or a hub id / local path."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import tempfile
 
 import torch
 
+from ..bases.cache import cache_root
+from ..bases.real import REAL_BASES, base_path
 from ..bases.tiny import char_tokenizer, tiny_llama, tiny_moe
 from ..data.bundled import DEFAULT_TASKS, make_samples
 from ..data.user import tokenize_example
@@ -19,10 +22,6 @@ from .config import LLAVA_ARCHS, TinyBaseConfig
 BASE_ALPHABET = "abcdefghijklmnopqrstuvwx"  # the letters a tiny Llama base learns (bundled tasks use a-j)
 MOE_ALPHABET = "abcdefghij"  # a tiny MoE base learns the bundled tasks themselves (RoMA needs successes)
 LLAMA_TASKS = ("cpy", "dup")  # what a tiny Llama base knows before any adapter: the format, the characters
-
-
-def cache_root() -> str:
-    return os.environ.get("MOE_PEFT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "moe_peft")
 
 
 def tiny_arch(config: TinyBaseConfig, method: str) -> str:
@@ -189,9 +188,12 @@ def _batch(samples: list[dict], tokenizer) -> dict[str, torch.Tensor]:
 
 
 def resolve_base(model: str, method: str, tiny: TinyBaseConfig) -> str:
-    """A path or hub id TRL / transformers can load: the cached tiny base for "tiny", else `model` itself."""
+    """A path or hub id TRL / transformers can load: the cached tiny base for "tiny", the converted checkpoint of a
+    real base ("smollm2-135m": moe_peft.bases.real, converted on first use), else `model` itself."""
     if model == "tiny":
         return os.path.abspath(tiny_base_path(tiny, method))
+    if model in REAL_BASES:
+        return os.path.abspath(base_path(model))
     return model
 
 

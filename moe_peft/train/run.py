@@ -25,6 +25,7 @@ from typing import Optional
 
 import torch
 
+from ..bases.real import REAL_BASES, base_path
 from ..data.user import DataConfig, DataError, UserData, load_data
 from .base import load_model, load_tokenizer, resolve_base, tiny_arch, tiny_character_warnings
 from .config import LLAVA_ARCHS, ConfigError, RunConfig
@@ -116,6 +117,8 @@ def train_from_config(config: RunConfig, log: Callable = print) -> TrainRun:
         arch = tiny_arch(config.tiny, config.method)
         if config.model == "tiny":
             log(f"base: the bundled tiny {arch} ({base})")
+        elif base != config.model:
+            log(f"base: {config.model} ({base})")
         if (arch in LLAVA_ARCHS) if config.model == "tiny" else is_llava(base):
             model, paths, losses = train_llava(config, base, output_dir, log, output)
             return TrainRun(paths, losses, time.perf_counter() - start)
@@ -199,6 +202,8 @@ def stats_from_adapter(
     torch.set_num_threads(threads)
     try:
         base = base or PeftConfig.from_pretrained(adapter).base_model_name_or_path
+        if base in REAL_BASES:  # --base smollm2-135m: its converted checkpoint
+            base = base_path(base, log=log)
         if not base:
             raise ConfigError(f"{adapter}/adapter_config.json records no base model: pass --base PATH.")
         tokenizer = load_tokenizer(adapter if os.path.exists(os.path.join(adapter, "tokenizer_config.json")) else base)
