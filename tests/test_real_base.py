@@ -217,3 +217,19 @@ def test_real_base_configs_map_onto_their_dataclasses_and_data(path, monkeypatch
     assert data.dataset[0]["prompt"][0]["role"] == "user"
     if config.method == "loramoe":
         assert set(data.dataset["sample_types"]) == {0, 1}
+
+
+def test_stats_base_name_resolves_to_the_converted_checkpoint(tmp_path, monkeypatch):
+    """`moe-peft stats ADAPTER --base smollm2-135m` loads the converted checkpoint, not a hub id of that name."""
+    from moe_peft.train import run
+
+    asked = []
+
+    def fake_base_path(name, log=print):
+        asked.append(name)
+        raise real.RealBaseError("stop here")
+
+    monkeypatch.setattr(run, "base_path", fake_base_path)
+    with pytest.raises(real.RealBaseError, match="stop here"):
+        run.stats_from_adapter(str(tmp_path), "bundled", str(tmp_path / "out"), base="smollm2-135m")
+    assert asked == ["smollm2-135m"]

@@ -20,7 +20,7 @@ def add_parser(sub) -> None:
     p.add_argument("--strategy", required=True, choices=STRATEGIES)
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument(
-        "--base", default=None, help="base model path or hub id (default: the adapter's base_model_name_or_path)"
+        "--base", default=None, help="base model path, hub id or smollm2-135m (default: the adapter's recorded base)"
     )
     p.add_argument(
         "--calibration",
@@ -75,6 +75,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     config = PeftConfig.from_pretrained(args.adapter)
     base = args.base or config.base_model_name_or_path
+    from ..bases.real import REAL_BASES, base_path
+
+    if base in REAL_BASES:  # --base smollm2-135m: the converted checkpoint (moe_peft.bases.real)
+        base = base_path(base)
     if not base:
         print(
             f"moe-peft merge: error: {args.adapter}/adapter_config.json names no base_model_name_or_path; "
