@@ -217,3 +217,42 @@ def test_real_base_configs_map_onto_their_dataclasses_and_data(path, monkeypatch
     assert data.dataset[0]["prompt"][0]["role"] == "user"
     if config.method == "loramoe":
         assert set(data.dataset["sample_types"]) == {0, 1}
+
+
+def test_stats_base_name_resolves_to_the_converted_checkpoint(tmp_path, monkeypatch):
+    """`moe-peft stats ADAPTER --base smollm2-135m` loads the converted checkpoint, not a hub id of that name."""
+    from moe_peft.train import run
+
+    asked = []
+
+    def fake_base_path(name, log=print):
+        asked.append(name)
+        raise real.RealBaseError("stop here")
+
+    monkeypatch.setattr(run, "base_path", fake_base_path)
+    with pytest.raises(real.RealBaseError, match="stop here"):
+        run.stats_from_adapter(str(tmp_path), "bundled", str(tmp_path / "out"), base="smollm2-135m")
+    assert asked == ["smollm2-135m"]
+
+
+def test_real_demo_runs_its_whole_flow_on_a_tiny_chat_model(tmp_path, monkeypatch):
+    """`moe-peft demo --base smollm2-135m`'s steps (before, train, after, facts, save, reload) on a tiny Llama with the
+    character tokenizer's chat template standing in for the real base (whose run is measured in docs/demo.md)."""
+    from moe_peft.apps import demo_real
+    from moe_peft.bases import char_tokenizer, tiny_llama
+
+    def tiny(name, log=print):
+        tokenizer = char_tokenizer()
+        return tiny_llama(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, seed=0), tokenizer
+
+    monkeypatch.setattr(demo_real, "load", tiny)
+    monkeypatch.setattr(demo_real, "base_path", lambda name, log=print: "tiny")
+    lines = []
+    out = demo_real.run_real_demo(out_dir=str(tmp_path), steps=2, batch_size=4, log=lines.append)
+    assert out["reload_identical"] and len(out["losses"]) == 2
+    assert set(out["before"]) == set(out["after"]) == set(demo_real.DEMO_TASKS)
+    assert 0 <= out["facts_kept"] <= out["facts_known"] <= demo_real.DEMO_FACTS
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    assert any("still answered right after training" in str(line) for line in lines)
+    with pytest.raises(ValueError, match="dtype='fp16'"):
+        demo_real.run_real_demo(dtype="fp16")

@@ -120,7 +120,9 @@ class RealSuite:
     num_general_held_out: int = len(general_prompts("held_out"))
     gate_steps: int = 5  # PHATGOOSE gate steps per expert (7 experts: 35 more steps than a method of one adapter)
     timing_reps: int = 3
-    eval_batch_size: int = 48
+    # prompts per generate call; None: 48 on a CPU (a decoding step costs about as much for 12 prompts as for 48),
+    # 128 on a GPU (every task prompt of the test split in one call: the steps are launch-bound there)
+    eval_batch_size: Optional[int] = None
     dtype: str = "bfloat16"  # "bfloat16": torch.autocast, weights float32; "float32": no autocast
     device: str = "cpu"
 
@@ -164,6 +166,12 @@ class RealSuite:
     def base_dir(self) -> str:
         """The base's checkpoint: a real base by name (converted on first use), else `base` is a local path."""
         return base_path(self.base) if self.base in REAL_BASES else self.base
+
+    @property
+    def eval_batch(self) -> int:
+        if self.eval_batch_size is not None:
+            return self.eval_batch_size
+        return 128 if torch.device(self.device).type == "cuda" else 48
 
     @property
     def autocast_dtype(self):
@@ -274,12 +282,12 @@ def reference(suite: RealSuite, base_dir: str, cache_dir: str, log: Callable = p
     with suite.autocast():
         general = {
             split: generate_chat_ids(
-                model, tokenizer, suite.general(split), suite.general_tokens, suite.eval_batch_size, keep_eos=True
+                model, tokenizer, suite.general(split), suite.general_tokens, suite.eval_batch, keep_eos=True
             )
             for split in ("train", "held_out")
         }
         answers = generate_chat(
-            model, tokenizer, [q for q, _ in suite.facts], suite.fact_tokens, batch_size=suite.eval_batch_size
+            model, tokenizer, [q for q, _ in suite.facts], suite.fact_tokens, batch_size=suite.eval_batch
         )
         tasks = score_tasks(model, tokenizer, suite, eval_split(suite, "test"), None)
         agreement, nll = agreement_with_reference(model, tokenizer, suite.general("held_out"), general["held_out"])
@@ -321,7 +329,7 @@ def score_tasks(model, tokenizer, suite: RealSuite, split: dict[str, list[dict]]
     if method is not None and method.task_ids:
         kwargs["task_ids"] = torch.tensor([suite.all_tasks.index(s["task"]) for s in samples])  # [N]
     answers = generate_chat(
-        model, tokenizer, [s["prompt"] for s in samples], suite.answer_tokens, batch_size=suite.eval_batch_size,
+        model, tokenizer, [s["prompt"] for s in samples], suite.answer_tokens, batch_size=suite.eval_batch,
         **kwargs,
     )  # fmt: skip
     return {
@@ -341,7 +349,7 @@ def evaluate(model, tokenizer, suite: RealSuite, splits: dict, ref: dict, method
         known = [q for (q, _), k in zip(suite.facts, ref["facts_known"]) if k]
         accepted = [a for (_, a), k in zip(suite.facts, ref["facts_known"]) if k]
         answers = generate_chat(
-            model, tokenizer, known, suite.fact_tokens, batch_size=suite.eval_batch_size,
+            model, tokenizer, known, suite.fact_tokens, batch_size=suite.eval_batch,
             **_task_ids(suite, GENERAL, len(known), method),
         )  # fmt: skip
         kept = [mentions(a, acc) for a, acc in zip(answers, accepted)]

@@ -80,7 +80,7 @@ def markdown(suite, rows, ref, budget, wall_s, quick, run_s: float = 0.0, num_ru
         cells += [f"{r['step_time_vs_lora']:.2f}x ± {r['step_time_vs_lora_spread'] / 2:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     known = sum(ref["facts_known"])
-    mode = "--quick (one seed, few steps: not the comparison)" if quick else f"{len(suite.seeds)} seeds"
+    mode = "--quick (one seed, few steps: not the comparison)" if quick else f"{len(suite.seeds)} seed(s)"
     lora_ms = next((r["step_time_ms"] for r in rows if r["method"] == "LoRA"), math.nan)
     notes = [
         "",

@@ -27,7 +27,7 @@ def add_parser(sub) -> None:
     p.add_argument("--strategy", required=True, choices=STRATEGIES)
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument(
-        "--base", default=None, help="base model path or hub id (default: the adapter's base_model_name_or_path)"
+        "--base", default=None, help="base model path, hub id or smollm2-135m (default: the adapter's recorded base)"
     )
     p.add_argument(
         "--calibration",
@@ -167,6 +167,10 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as err:
         return _fail(f"{args.adapter} holds no loadable adapter ({err}); give the directory save_pretrained wrote.")
     base = args.base or config.base_model_name_or_path
+    from ..bases.real import REAL_BASES, base_path
+
+    if base in REAL_BASES:  # --base smollm2-135m: the converted checkpoint (moe_peft.bases.real)
+        base = base_path(base)
     if not base:
         return _fail(f"{args.adapter}/adapter_config.json names no base_model_name_or_path; pass --base PATH_OR_ID")
     phatgoose_routing = "uniform" if args.uniform else ("single" if args.expert else None)
