@@ -100,6 +100,11 @@ class Suite:
     def all_tasks(self) -> tuple[str, ...]:
         return self.tasks + self.knowledge_tasks
 
+    @property
+    def phatgoose_experts(self) -> int:
+        """PHATGOOSE's library: one expert per task, plus one for the knowledge rows when there are any."""
+        return len(self.tasks) + (1 if self.knowledge_share > 0 else 0)
+
     def base_key(self) -> str:
         fields = ("hidden_size", "intermediate_size", "num_layers", "knowledge_tasks", "pretrain_steps")
         fields += ("pretrain_lr", "alphabet", "min_len", "max_len", "batch_size")
@@ -422,7 +427,7 @@ def bench_quality(
 
     budget = count_trainable_lora(base, suite.budget_rank)
     ranks, params = {}, {}
-    num_groups = len(suite.tasks) + (1 if suite.knowledge_share > 0 else 0)
+    num_groups = suite.phatgoose_experts
     for m in chosen:
         if m.kind == "lora":
             ranks[m.name], params[m.name] = suite.budget_rank, budget

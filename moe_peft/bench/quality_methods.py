@@ -210,5 +210,5 @@ def active_params(method: Method, suite, base, rank: int, trainable: int, runs: 
         values = [r["active"] for r in runs if "active" in r]
         return statistics.mean(values) if values else math.nan
     if method.kind == "phatgoose":
-        return phatgoose_params(base, rank, len(suite.tasks) + (1 if suite.knowledge_share > 0 else 0))[1]
+        return phatgoose_params(base, rank, suite.phatgoose_experts)[1]
     return trainable  # LoRA, MHR: every parameter takes part

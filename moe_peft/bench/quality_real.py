@@ -126,6 +126,11 @@ class RealSuite:
     dtype: str = "bfloat16"  # "bfloat16": torch.autocast, weights float32; "float32": no autocast
     device: str = "cpu"
 
+    @property
+    def phatgoose_experts(self) -> int:
+        """PHATGOOSE's library: one expert per task, plus one for the general rows when there are any."""
+        return len(self.all_tasks) if self.general_share > 0 else len(self.tasks)
+
     def __post_init__(self):
         check_tasks(self.tasks, "RealSuite.tasks")
         if self.dtype not in DTYPES:

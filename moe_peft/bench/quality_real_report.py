@@ -7,7 +7,7 @@ import os
 import statistics
 
 from ..bases.real import REAL_BASES
-from .quality_methods import BUDGET_TOLERANCE, phatgoose_params
+from .quality_methods import BUDGET_TOLERANCE, active_params
 from .quality_report import _cell, write_csv
 
 
@@ -21,17 +21,6 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 def _base_title(base: str) -> str:
     real = REAL_BASES.get(base)
     return f"{real.title} ({real.quantization})" if real else f"base {base}"
-
-
-def active_per_token(method, suite, base, rank: int, trainable: int, runs: list[dict]) -> float:
-    """Parameters taking part in one token's output: measured routing for the token-routed methods
-    (quality_methods.moe_active_params), every gate and top-2 experts for PHATGOOSE, everything for LoRA and MHR."""
-    if method.kind == "moe":
-        values = [r["active"] for r in runs if "active" in r]
-        return statistics.mean(values) if values else math.nan
-    if method.kind == "phatgoose":
-        return phatgoose_params(base, rank, len(suite.all_tasks) if suite.general_share > 0 else len(suite.tasks))[1]
-    return trainable
 
 
 def summary_rows(suite, methods, runs, best_lr, ranks, params, budget, times, base) -> list[dict]:
@@ -48,7 +37,7 @@ def summary_rows(suite, methods, runs, best_lr, ranks, params, budget, times, ba
             "seeds": len(seeds),
             "trainable": params[m.name],
             "trainable_vs_budget": params[m.name] / budget - 1,
-            "active_per_token": active_per_token(m, suite, base, ranks[m.name], params[m.name], seeds),
+            "active_per_token": active_params(m, suite, base, ranks[m.name], params[m.name], seeds),
             "step_time_ms": ms,
             "step_time_vs_lora": ratio,
             "step_time_vs_lora_spread": spread,
