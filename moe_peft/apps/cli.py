@@ -8,6 +8,19 @@ import sys
 REAL_BASE_NAMES = ("smollm2-135m",)  # moe_peft.bases.real.REAL_BASES, without importing torch for --help
 
 
+def split_method_names(text: str, known) -> list[str]:
+    """`--methods` is comma-separated, and some rows have a comma in their name ("MoLE top-1 block, equal active"):
+    at each place take the longest run of comma-separated parts that is a row name; a part that starts no row name is
+    kept as given, for the suite to refuse with its list of rows."""
+    parts = [p.strip() for p in text.split(",")]
+    out, i = [], 0
+    while i < len(parts):
+        j = next((j for j in range(len(parts), i, -1) if ", ".join(parts[i:j]) in known), i + 1)
+        out.append(", ".join(parts[i:j]))
+        i = j
+    return [name for name in out if name]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="moe-peft", description="Mixture-of-LoRA-experts fine-tuning on PEFT.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -106,20 +119,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         if args.what == "quality" and args.suite != "tiny":
-            from ..bench.quality_real import bench_quality_real
+            from ..bench.quality_real import REAL_METHODS, bench_quality_real
 
             bench_quality_real(
                 out_dir=args.out if args.out != "out/quality" else f"out/quality_{args.suite}", quick=args.quick,
-                methods=[m.strip() for m in args.methods.split(",")] if args.methods else None, cache_dir=args.cache,
+                methods=split_method_names(args.methods, REAL_METHODS) if args.methods else None, cache_dir=args.cache,
                 fresh=args.fresh, threads=args.threads or 1, workers=args.workers or 1,
                 device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), dtype=args.dtype,
             )  # fmt: skip
         elif args.what == "quality":
             from ..bench.quality import bench_quality
+            from ..bench.quality_methods import method_table
 
             if args.dtype is not None or args.workers is not None:
                 parser.error("--dtype and --workers apply to --suite smollm2-135m only (the tiny suite runs on CPU).")
-            methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
+            methods = split_method_names(args.methods, method_table(1, 1, 1)) if args.methods else None
             bench_quality(
                 out_dir=args.out, quick=args.quick, methods=methods, cache_dir=args.cache, fresh=args.fresh,
                 threads=args.threads or 1,

@@ -126,6 +126,16 @@ def method_table(num_experts: int, num_tasks: int, budget_rank: int) -> dict[str
             equal_active=True,
         ),
         Method("SMoRA k=r", "moe", _smora_dense, equal_active=True, note="every rank active: LoRA + sigmoid gates"),
+        # issue 23's options for top-1 MoLE (docs/quality.md, "Routing studies")
+        Method(
+            "MoLE top-1 block, sequence",
+            "moe",
+            _mole(e, top_k=1, routing_level="sequence"),
+            note="each sample routed once from its prompt (mean-pooled hidden state)",
+        ),
+        Method("MoLE top-1 block, router lr x0.1", "moe", _mole(e, top_k=1), router_lr_scale=0.1),
+        Method("MoLE top-1 block, frozen router", "moe", _mole(e, top_k=1), router_lr_scale=0.0,
+               note="routers kept at their initialisation"),
     ]
     return {m.name: m for m in rows}
 

@@ -75,6 +75,9 @@ REAL_METHODS = (
     "MoLE top-1 block, equal active",
     "MoLE top-2 block, equal active",
     "SMoRA k=r",
+    "MoLE top-1 block, sequence",
+    "MoLE top-1 block, router lr x0.1",
+    "MoLE top-1 block, frozen router",
 )
 # what it runs by default: LoRA, MoLE top-1 / top-2, LoRAMoE with both forms of localized balancing, SMoRA, MHR (told
 # the task), PHATGOOSE, and MoLE at LoRA's active parameters (the budget in docs/quality.md is for these 10 rows)
