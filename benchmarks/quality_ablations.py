@@ -148,7 +148,29 @@ def study_loramoe() -> list[Method]:
     return out
 
 
+def study_routing() -> list[Method]:
+    """Issue 23: top-1 MoLE routed per sequence (mean / last pooling, from a later layer) and with slow or frozen
+    routers; top-2 with the same router rates."""
+
+    def slow(method: Method, scale: float) -> Method:
+        return dataclasses.replace(method, router_lr_scale=scale)
+
+    seq = dict(top_k=1, routing_level="sequence")
+    return [
+        mole("top-1 block (default)", top_k=1),
+        mole("top-1 block, sequence (mean)", **seq),
+        mole("top-1 block, sequence (last)", **seq, sequence_pooling="last"),
+        mole("top-1 block, sequence, router reads layer 1 (the last)", **seq, router_input_layer=1),
+        slow(mole("top-1 block, router lr x0.1", top_k=1), 0.1),
+        slow(mole("top-1 block, frozen router", top_k=1), 0.0),
+        slow(mole("top-1 block, sequence, router lr x0.1", **seq), 0.1),
+        slow(mole("top-2 block, router lr x0.1", top_k=2), 0.1),
+        slow(mole("top-2 block, frozen router", top_k=2), 0.0),
+    ]
+
+
 STUDIES = {
+    "routing": study_routing,
     "scaling": study_scaling,
     "top1": study_top1,
     "experts": study_experts,

@@ -134,8 +134,13 @@ def method_table(num_experts: int, num_tasks: int, budget_rank: int) -> dict[str
             note="each sample routed once from its prompt (mean-pooled hidden state)",
         ),
         Method("MoLE top-1 block, router lr x0.1", "moe", _mole(e, top_k=1), router_lr_scale=0.1),
-        Method("MoLE top-1 block, frozen router", "moe", _mole(e, top_k=1), router_lr_scale=0.0,
-               note="routers kept at their initialisation"),
+        Method(
+            "MoLE top-1 block, frozen router",
+            "moe",
+            _mole(e, top_k=1),
+            router_lr_scale=0.0,
+            note="routers kept at their initialisation",
+        ),
     ]
     return {m.name: m for m in rows}
 
