@@ -158,9 +158,9 @@ class MoELoraConfig(ConfigFile):
             each forward that starts sequences (training steps, the prompt of a generation). None (default): each
             router reads its own layer's input.
         router_lr_ratio: the routers of the adapter train at `lr * router_lr_ratio` (the experts at `lr`); 0 freezes
-            them at their initialization (the router is a fixed random projection, as hash routing's fixed
-            assignment: every router's gradient is cut in the forward, so no optimizer moves them and the router
-            losses do not either). A ratio other than 0 and 1 is applied by an optimizer built from parameter groups:
+            them at their initialization (a fixed random routing function, in the spirit of hash routing): the routers
+            read their weights detached in the forward, so no optimizer, weight decay or router loss moves them.
+            A ratio other than 0 and 1 is applied by an optimizer built from parameter groups:
             `moe_peft.create_router_optimizer(model, lr=...)` (or `router_param_groups`), MoESFTTrainer and
             `moe-peft train` do it; a training forward under any other optimizer warns once. None (the default)
             resolves to `_default_router_lr_ratio()` (1.0) for a new config, and to 1.0 for a saved
