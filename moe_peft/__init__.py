@@ -36,9 +36,11 @@ from .tuners import (
     RoMAModel,
     SMoRAConfig,
     SMoRAModel,
+    create_router_optimizer,
     mhr,
     phatgoose,
     roma,
+    router_param_groups,
 )
 from .tuners.mhr import import_poly_adapter
 from .tuners.routed import experts, router_loss, routing_stats, update_router_biases
@@ -93,6 +95,8 @@ __all__ = [
     "accumulation_weight",
     "routing_stats",
     "update_router_biases",
+    "router_param_groups",
+    "create_router_optimizer",
     "dequantize_base",
     "roma",
 ]

@@ -66,12 +66,19 @@ def _buffers_to_float32(module: Float32Buffers, incompatible_keys) -> None:
             module._buffers[name] = buf.float()
 
 
-def float32_linear(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """Router math in float32 whatever the model dtype or autocast state."""
+def float32_linear(linear: nn.Linear, x: torch.Tensor, frozen: bool = False) -> torch.Tensor:
+    """Router math in float32 whatever the model dtype or autocast state.
+
+    frozen: read the weights detached, so the router routes as it is but its parameters get no gradient (a router
+    frozen at its initialization, router_lr_ratio=0): no optimizer, weight decay or router loss then moves it, while
+    the gradient to x still flows. Detached here, at the moment of use, rather than before the router's call, so that
+    engines which gather a partitioned weight in the router's forward pre-hook (DeepSpeed ZeRO-3) are read after it.
+    """
+    weight, bias = linear.weight, linear.bias
+    if frozen:
+        weight, bias = weight.detach(), None if bias is None else bias.detach()
     with torch.autocast(device_type=x.device.type, enabled=False):
-        return nn.functional.linear(
-            x.float(), linear.weight.float(), None if linear.bias is None else linear.bias.float()
-        )
+        return nn.functional.linear(x.float(), weight.float(), None if bias is None else bias.float())
 
 
 def new_router_linear(in_features: int, out_features: int, bias: bool, std: float = 0.02) -> nn.Linear:

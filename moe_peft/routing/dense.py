@@ -14,8 +14,9 @@ class DenseRouter(nn.Module):
         self.num_experts = num_experts
         self.linear = new_router_linear(in_features, num_experts, bias=False)
 
-    def forward(self, x: torch.Tensor) -> Routing:
-        logits = float32_linear(self.linear, x)  # [T, E]
+    def forward(self, x: torch.Tensor, frozen: bool = False) -> Routing:
+        """x [T, in]; frozen: no gradient to the router's weight (`float32_linear`)."""
+        logits = float32_linear(self.linear, x, frozen)  # [T, E]
         probs = logits.softmax(dim=-1)  # [T, E]
         idx = torch.arange(self.num_experts, device=x.device).expand(x.shape[0], -1)  # [T, E]
         return Routing(idx=idx, weights=probs, logits=logits, probs=probs, choice=idx)

@@ -21,8 +21,9 @@ class SMoRARouter(Float32Buffers):
         # saved with the adapter: selection depends on it
         self.register_buffer("selection_bias", torch.zeros(num_ranks))
 
-    def forward(self, x: torch.Tensor) -> Routing:
-        logits = float32_linear(self.linear, x)  # [T, R]
+    def forward(self, x: torch.Tensor, frozen: bool = False) -> Routing:
+        """x [T, in]; frozen: no gradient to W_g (`float32_linear`); the selection bias updates as ever."""
+        logits = float32_linear(self.linear, x, frozen)  # [T, R]
         scores = torch.sigmoid(logits)  # [T, R]
         idx = (scores.detach() + self.selection_bias).topk(self.top_k, dim=-1).indices  # [T, k]
         picked = scores.gather(1, idx)  # [T, k]

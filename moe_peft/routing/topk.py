@@ -62,9 +62,10 @@ class TopKRouter(nn.Module):
                 persistent=False,
             )  # fmt: skip
 
-    def forward(self, x: torch.Tensor, groups: torch.Tensor | None = None) -> Routing:
-        """x [T, in]; groups [T] long, each token's modality group (required with group_sizes)."""
-        logits = float32_linear(self.linear, x)  # [T, n]
+    def forward(self, x: torch.Tensor, groups: torch.Tensor | None = None, frozen: bool = False) -> Routing:
+        """x [T, in]; groups [T] long, each token's modality group (required with group_sizes); frozen: no gradient
+        to the router's parameters (`float32_linear`)."""
+        logits = float32_linear(self.linear, x, frozen)  # [T, n]
         allowed = None
         if self.group_sizes is not None:
             if groups is None or groups.shape != x.shape[:1]:
@@ -75,7 +76,7 @@ class TopKRouter(nn.Module):
             allowed = self.membership.to(x.device)[groups]  # [G, n] gathered by [T] -> [T, n]
             logits = logits.masked_fill(~allowed, float("-inf"))  # out-of-group experts: probability 0, no gradient
         if self.null is not None:
-            logits = torch.cat([logits, float32_linear(self.null, x)], dim=-1)  # [T, n + m]
+            logits = torch.cat([logits, float32_linear(self.null, x, frozen)], dim=-1)  # [T, n + m]
         probs = logits.softmax(dim=-1)  # [T, n + m]
         n = self.num_experts
 

@@ -352,6 +352,22 @@ def apply_override(raw: dict[str, Any], assignment: str, where: str = "--set") -
     raise ConfigError(f"{where} {key!r}: unknown key; {unknown_key_message(key, None, fields, method)}")
 
 
+def _check_adapter_values(method: str, adapter: dict[str, Any], at: Callable[..., str], where: str) -> None:
+    """A token-routed adapter block's values, checked by its config class before anything loads (a negative
+    router_lr_ratio, top_k above num_experts): the block alone builds the config (train/shared.py builds it again
+    after the data, identically). MHR and PHATGOOSE get fields from the data and the trained experts: checked then."""
+    from ..tuners.routed.config import MoELoraConfig
+
+    cls = method_config_class(method)
+    if not issubclass(cls, MoELoraConfig):
+        return
+    try:
+        cls(**adapter)
+    except ValueError as error:  # the config class names the field and the fix: "<field>=<value> is invalid: ..."
+        named = [key for key in adapter if str(error).startswith(f"{key}=")]
+        raise ConfigError(f"{at('adapter', named[0]) if named else where}: adapter: {error}") from None
+
+
 def load_config(
     path: Optional[str] = None, overrides: Optional[list[str]] = None, raw: Optional[dict] = None
 ) -> RunConfig:
@@ -417,6 +433,7 @@ def load_config(
         except ValueError as error:  # a value of the right type that the block refuses (data.max_samples=0)
             named = [key for key in blocks[block] if f"{block}.{key}" in str(error)]
             raise ConfigError(f"{at(block, named[0]) if named else where}: {error}") from None
+    _check_adapter_values(method, blocks["adapter"], at, where)
     return RunConfig(
         method=method,
         model=model,

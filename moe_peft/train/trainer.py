@@ -16,6 +16,9 @@ balancing) and a `task_ids` column (MHR, PHATGOOSE's oracle) become `[batch]` te
 packing, samples are packed per (task, sample type) so that every packed row has one value (packing_strategy
 "wrapped"; "bfd" flattens a whole batch into one row, where no per-sample value fits).
 
+Its optimizer applies each token-routed adapter's `router_lr_ratio` (routers at learning_rate * ratio, in parameter
+groups of `moe_peft.router_param_groups`), with the optimizer class and arguments `optim` and `optim_args` choose.
+
 It also adds `RoutingStatsCallback` (router loss and per-layer routing summaries in the trainer's logs, SMoRA's
 bias update once per optimizer step).
 """
@@ -35,6 +38,7 @@ from trl import SFTTrainer
 from .._internal.accumulation import accumulation_weight
 from ..tuners.roma.config import RoMAConfig
 from ..tuners.roma.trainer import RoMALossMixin
+from ..tuners.routed.optim import router_param_groups, router_ratios
 from .callback import RoutingStatsCallback
 
 SAMPLE_TYPES, TASK_IDS = "sample_types", "task_ids"
@@ -279,6 +283,46 @@ class MoESFTTrainer(RoMALossMixin, SFTTrainer):
                 part = part.add_column(key, [v] * len(part))
             parts.append(part)
         return concatenate_datasets(parts)
+
+    # -- the optimizer: each routed adapter's router_lr_ratio ------------------------------------------------------
+    def create_optimizer(self, model=None):
+        """Trainer's optimizer, over `router_param_groups` when a routed adapter's router_lr_ratio is not 1: its routers
+        at learning_rate * ratio, the rest at learning_rate, weight decay split as Trainer splits it. The class and
+        its arguments are Trainer's for `optim` (or `optimizer_cls_and_kwargs`); the learning-rate scheduler then
+        scales every group by the same factor, so the ratio holds through warm-up and decay."""
+        from transformers.trainer_optimizer import is_optimizer_factory
+
+        opt_model = self.model if model is None else model
+        ratios = router_ratios(opt_model)
+        if self.optimizer is not None or all(r == 1 for r in ratios.values()):
+            return super().create_optimizer(model)
+        if self.optimizer_cls_and_kwargs is not None:
+            optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
+        else:
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        # optimizers that take the model or their own parameter layout (Muon/Dion factories, GaLore, LOMO, layer-wise)
+        if is_optimizer_factory(optimizer_cls) or {"params", "model", "optimizer_dict"} & set(optimizer_kwargs):
+            scaled = {a: r for a, r in ratios.items() if r not in (0, 1)}
+            if not scaled:  # ratio 0 holds in the forward, whatever the optimizer
+                return super().create_optimizer(model)
+            raise ValueError(
+                f"optim={self.args.optim!r} builds its own parameter groups, so it cannot apply router_lr_ratio "
+                f"{scaled}; use another optim (adamw_torch, sgd, ...), or router_lr_ratio=1 (or 0: frozen routers)."
+            )
+        groups = router_param_groups(
+            opt_model,
+            self.args.learning_rate,
+            weight_decay=self.args.weight_decay,
+            decay_parameter_names=self.get_decay_parameter_names(opt_model),
+        )
+        # Trainer's own create_optimizer builds the optimizer (with its bitsandbytes and SageMaker steps) from these
+        # groups: "params" in the optimizer kwargs replaces its default groups, the way its GaLore path passes its own
+        held = self.optimizer_cls_and_kwargs
+        self.optimizer_cls_and_kwargs = (optimizer_cls, {**optimizer_kwargs, "params": groups})
+        try:
+            return super().create_optimizer(model)
+        finally:
+            self.optimizer_cls_and_kwargs = held
 
     # -- the loss --------------------------------------------------------------------------------------------------
     def _sequence_parallel_model_loss(self) -> bool:

@@ -23,6 +23,8 @@ from .routed import (
     MoLEModel,
     SMoRAConfig,
     SMoRAModel,
+    create_router_optimizer,
+    router_param_groups,
 )
 
 # PEFT type -> (config class, tuner class): what `moe_peft` registers with PEFT on import
@@ -51,4 +53,6 @@ __all__ = [
     "MHRModel",
     "PhatgooseModel",
     "RoMAModel",
+    "router_param_groups",
+    "create_router_optimizer",
 ]

@@ -157,6 +157,15 @@ class MoELoraConfig(ConfigFile):
             rms-normalized and pooled over the prompt: a pre-pass of the base up to that layer runs under no_grad at
             each forward that starts sequences (training steps, the prompt of a generation). None (default): each
             router reads its own layer's input.
+        router_lr_ratio: the routers of the adapter train at `lr * router_lr_ratio` (the experts at `lr`); 0 freezes
+            them at their initialization (a fixed random routing function, in the spirit of hash routing): the routers
+            read their weights detached in the forward, so no optimizer, weight decay or router loss moves them.
+            A ratio other than 0 and 1 is applied by an optimizer built from parameter groups:
+            `moe_peft.create_router_optimizer(model, lr=...)` (or `router_param_groups`), MoESFTTrainer and
+            `moe-peft train` do it; a training forward under any other optimizer warns once. None (the default)
+            resolves to `_default_router_lr_ratio()` (1.0) for a new config, and to 1.0 for a saved
+            adapter_config.json without the key (it predates the field, when routers trained at lr), on every
+            loading path.
     """
 
     r: int = field(default=8, metadata={"help": "Rank of each LoRA expert."})
@@ -209,6 +218,13 @@ class MoELoraConfig(ConfigFile):
         default=None,
         metadata={"help": "routing_level='sequence': routers read this decoder layer's output of the frozen base."},
     )
+    router_lr_ratio: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "Routers train at lr * router_lr_ratio (0: frozen at init); applied by create_router_optimizer, "
+            "MoESFTTrainer and moe-peft train. None: the method's default (1.0)."
+        },
+    )
 
     # the PeftType name this config registers as; set by each subclass
     _method = "MOELORA"
@@ -223,6 +239,9 @@ class MoELoraConfig(ConfigFile):
             # field, when every method scaled its experts by lora_alpha / r: it reloads exactly as trained.
             saved = self.peft_type is not None
             self.expert_scaling = "lora" if saved else self._default_expert_scaling
+        if self.router_lr_ratio is None:
+            # as expert_scaling: a saved config without the key predates the field, when routers trained at lr
+            self.router_lr_ratio = 1.0 if self.peft_type is not None else self._default_router_lr_ratio()
         super().__post_init__()
         self.peft_type = ensure_peft_type(self._method)
         if isinstance(self.target_modules, list):
@@ -235,6 +254,10 @@ class MoELoraConfig(ConfigFile):
     def scaling(self) -> float:
         return self.lora_alpha / self.r * self.gate_spread() ** EXPERT_SCALINGS[self.expert_scaling]
 
+    def _default_router_lr_ratio(self) -> float:
+        """What router_lr_ratio=None means for a new config of this method (the one place that rule lives)."""
+        return 1.0
+
     def gate_spread(self) -> int:
         """Over how many experts a token's gate weights (which sum to 1) are spread under uniform routing."""
         return 1
@@ -242,6 +265,16 @@ class MoELoraConfig(ConfigFile):
     def _validate(self) -> None:
         if self.expert_scaling not in EXPERT_SCALINGS:
             raise _bad("expert_scaling", self.expert_scaling, f"use one of {tuple(EXPERT_SCALINGS)}.")
+        ratio = self.router_lr_ratio
+        if not (
+            isinstance(ratio, numbers.Real) and not isinstance(ratio, bool) and math.isfinite(ratio) and ratio >= 0
+        ):
+            raise _bad(
+                "router_lr_ratio",
+                ratio,
+                "use a finite number >= 0: the routers' learning rate over the experts' (1: the same, 0.1: ten times "
+                "slower, 0: frozen at their initialization).",
+            )
         if not isinstance(self.r, int) or self.r <= 0:
             raise _bad("r", self.r, "the rank of each expert must be a positive integer, e.g. r=8.")
         if not isinstance(self.num_experts, int) or self.num_experts < 1:

@@ -47,16 +47,25 @@ def build_router(config: MoELoraConfig, in_features: int) -> nn.Module:
     raise TypeError(f"No router for config type {type(config).__name__}.")
 
 
+def router_frozen(config: MoELoraConfig) -> bool:
+    """router_lr_ratio=0: the adapter's routers stay at their initialization. Enforced in the forward (the routers
+    read their weights detached), so that it holds under any optimizer, with weight decay and the router losses."""
+    return getattr(config, "router_lr_ratio", 1.0) == 0
+
+
 def route(config: MoELoraConfig, router: nn.Module, x: torch.Tensor, lead_shape: torch.Size, ctx: RoutingContext):
     """Route the tokens x [T, in] (leading dims lead_shape) with `router`; with modality groups (MoLEConfig.
     modality_experts) each token's group comes from the routing context (docs/methods.md); with
-    routing_level="sequence" each sequence is routed once and its tokens carry the decision (`route_sequences`)."""
+    routing_level="sequence" each sequence is routed once and its tokens carry the decision (`route_sequences`).
+    Every router call of the token-routed methods goes through here (block routers, mixed batches, export), so
+    that a frozen router (`router_frozen`) is frozen on every path."""
     if getattr(config, "routing_level", "token") == "sequence":
         return route_sequences(config, router, x, lead_shape, ctx)
+    frozen = router_frozen(config)
     groups = getattr(config, "modality_experts", None)
     if not groups:
-        return router(x)
-    return router(x, ctx.token_groups(tuple(groups), lead_shape).to(x.device))  # [T] long
+        return router(x, frozen=frozen)
+    return router(x, ctx.token_groups(tuple(groups), lead_shape).to(x.device), frozen=frozen)  # groups: [T] long
 
 
 def route_sequences(
@@ -115,7 +124,7 @@ def route_sequences(
         pooled = _cached(ctx, key, (held, prompt), lambda: sequence.pool(states, prompt, plan, config.sequence_pooling))
     ctx.router_call.update(rows=plan.rows, valid=plan.valid)  # for hooks on the router (the statistics probe)
     try:
-        decisions = router(pooled.to(x.device))  # Routing of the N sequences: idx, weights [N, k]
+        decisions = router(pooled.to(x.device), frozen=router_frozen(config))  # the N sequences: idx, weights [N, k]
     finally:
         ctx.router_call.clear()
     if plan.num == batch:  # one sequence per row (no packing): what a later generation step reuses

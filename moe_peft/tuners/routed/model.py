@@ -42,6 +42,8 @@ DEFAULT_TARGET_MODULES = {
 }
 
 _HIDDEN_KWARGS = ("hidden_states", "x", "input")
+# the tuner's attribute holding the adapters whose router_lr_ratio an optimizer applies (set by optim.py's groups)
+ROUTER_LR_APPLIED = "_moe_router_lr_applied"
 # Models whose token modality moe-peft reads by itself: image tokens are `input_ids == config.image_token_id`
 # (transformers' processors expand each image placeholder into that many tokens before the forward).
 IMAGE_TOKEN_MODEL_TYPES = ("llava", "llava_next")
@@ -251,6 +253,8 @@ class MoELoraModel(AdapterNameKeys, FullStateDictKeys, TargetCheck, BaseTuner):
             del self.model.__dict__["generate"]
 
     def _root_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
+        if module.training and torch.is_grad_enabled() and "_moe_router_lr_warned" not in self.__dict__:
+            self._warn_unapplied_router_lr()
         ctx = self.routing_ctx
         sample_types = given = kwargs.pop("sample_types", None)
         if sample_types is None:
@@ -272,6 +276,28 @@ class MoELoraModel(AdapterNameKeys, FullStateDictKeys, TargetCheck, BaseTuner):
         if ctx.sequence_prompt is not None:
             self._router_input_prepass(module, args, kwargs)
         return args, kwargs
+
+    def _warn_unapplied_router_lr(self) -> None:
+        """A training forward of an active adapter whose router_lr_ratio (not 0: that one is enforced in the forward;
+        not 1) no optimizer of ours applies: its routers would train at the experts' lr. Warned once per model; the
+        check is a few dict look-ups per training forward until then."""
+        applied = self.__dict__.get(ROUTER_LR_APPLIED, set())
+        for adapter in self.active_adapters:
+            ratio = getattr(self.peft_config.get(adapter), "router_lr_ratio", 1.0)
+            if ratio in (0, 1) or adapter in applied:
+                continue
+            if not any(adapter in layer.routers for _, layer in self._moe_layers()):
+                continue  # no router of ours (fused experts follow the base router; plain LoRA modules have none)
+            self.__dict__["_moe_router_lr_warned"] = True
+            warnings.warn(
+                f"adapter '{adapter}' has router_lr_ratio={ratio}, but this model is trained by an optimizer that does "
+                "not apply it: its routers train at the experts' learning rate. Build the optimizer with "
+                "moe_peft.create_router_optimizer(model, lr=...) (for a transformers Trainer: "
+                "optimizers=(optimizer, None)), or train with moe_peft.MoESFTTrainer or `moe-peft train`, which do.",
+                UserWarning,
+                stacklevel=4,
+            )
+            return
 
     def _sequence_inputs(self, module: nn.Module, args: tuple, kwargs: dict, attention_mask) -> dict:
         """For adapters with routing_level="sequence" (routing/sequence.py): whether this forward continues a
