@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 
+import peft
 import pytest
 import torch
 
@@ -269,3 +270,44 @@ def test_run_keys_ignore_the_row_name_and_int_vs_float_alpha_but_not_the_config(
         )
     )  # fmt: skip
     assert q._run_key(q.Suite(), plain, 5, 3e-3, 0) != key
+
+
+def test_the_routers_lr_is_the_rows_scale_times_the_configs_ratio_in_the_key_and_in_the_optimizer(monkeypatch):
+    table = qm.method_table(6, 8, 32)
+    slow_row = table["MoLE top-1 block, router lr x0.1"]  # router_lr_scale=0.1 on the row, ratio 1 in the config
+    plain = table["MoLE top-1 block"]
+    slow_config = dataclasses.replace(plain, name="ratio in the config", config=lambda r: dataclasses.replace(
+        plain.config(r), router_lr_ratio=0.1))  # fmt: skip
+    key = q._run_key(q.Suite(), slow_row, 5, 3e-3, 0)
+    assert q._run_key(q.Suite(), slow_config, 5, 3e-3, 0) == key  # the same training, however it is asked for
+    assert q._run_key(q.Suite(), plain, 5, 3e-3, 0) != key
+    # a row that sets both multiplies them: 0.1 x 0.1
+    both = dataclasses.replace(slow_row, config=slow_config.config)
+    assert q.router_lr_scale(both, both.config(5)) == pytest.approx(0.01)
+    assert q._run_key(q.Suite(), both, 5, 3e-3, 0) not in (key, q._run_key(q.Suite(), plain, 5, 3e-3, 0))
+
+    # train() builds its optimizer from the model's config: the routers get lr * 0.1, nothing else does
+    seen = {}
+    real_adamw = torch.optim.AdamW
+
+    def spy(groups, **kw):
+        seen["groups"] = groups
+        return real_adamw(groups, **kw)
+
+    monkeypatch.setattr(torch.optim, "AdamW", spy)
+    model = peft.get_peft_model(tiny_llama(**TINY), slow_config.config(4))
+    q.train(model, [], 2e-3)  # no batches: the optimizer is built, nothing is stepped
+    router = {id(p) for n, p in model.named_parameters() if "router" in n and p.requires_grad}
+    lrs = {g["lr"]: {id(p) for p in g["params"]} for g in seen["groups"]}
+    assert lrs[2e-3 * 0.1] == router
+    assert router and lrs[2e-3].isdisjoint(router)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 9, 10, 11, 12])
+def test_short_runs_train_without_a_scheduler_error(steps):
+    # a PHATGOOSE expert trained on a small share of the rows: OneCycleLR divides by zero at exactly 10 steps
+    model = peft.get_peft_model(tiny_llama(**TINY), moe_peft.MoLEConfig(r=2, num_experts=2, target_modules=["q_proj"]))
+    batch = {"input_ids": torch.ones(2, 5, dtype=torch.long), "attention_mask": torch.ones(2, 5, dtype=torch.long)}
+    batch["labels"] = batch["input_ids"].clone()
+    losses, _ = q.train(model, [batch] * steps, 1e-3)
+    assert len(losses) == steps and all(map(torch.isfinite, torch.tensor(losses)))
