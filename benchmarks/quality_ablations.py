@@ -86,7 +86,7 @@ def study_top1() -> list[Method]:
         mole("top-1 block (default)", top_k=1),
         mole("top-1 block, no balance loss", top_k=1, router_aux_loss_coef=0.0),
         mole("top-1 block, balance 0.1", top_k=1, router_aux_loss_coef=0.1),
-        dataclasses.replace(mole("top-1 block, router lr x10", top_k=1), router_lr_scale=10.0),
+        mole("top-1 block, router lr x10", top_k=1, router_lr_ratio=10.0),
         mole("top-1 block, weight p, alpha x E", alpha_factor=E, top_k=1, top1_weight="prob"),
         mole("top-1 block, dense at eval", top_k=1, eval_routing="dense"),
     ]
@@ -152,20 +152,17 @@ def study_routing() -> list[Method]:
     """Issue 23: top-1 MoLE routed per sequence (mean / last pooling, from a later layer) and with slow or frozen
     routers; top-2 with the same router rates."""
 
-    def slow(method: Method, scale: float) -> Method:
-        return dataclasses.replace(method, router_lr_scale=scale)
-
     seq = dict(top_k=1, routing_level="sequence")
     return [
         mole("top-1 block (default)", top_k=1),
         mole("top-1 block, sequence (mean)", **seq),
         mole("top-1 block, sequence (last)", **seq, sequence_pooling="last"),
         mole("top-1 block, sequence, router reads layer 1 (the last)", **seq, router_input_layer=1),
-        slow(mole("top-1 block, router lr x0.1", top_k=1), 0.1),
-        slow(mole("top-1 block, frozen router", top_k=1), 0.0),
-        slow(mole("top-1 block, sequence, router lr x0.1", **seq), 0.1),
-        slow(mole("top-2 block, router lr x0.1", top_k=2), 0.1),
-        slow(mole("top-2 block, frozen router", top_k=2), 0.0),
+        mole("top-1 block, router lr x0.1", top_k=1, router_lr_ratio=0.1),
+        mole("top-1 block, frozen router", top_k=1, router_lr_ratio=0.0),
+        mole("top-1 block, sequence, router lr x0.1", **seq, router_lr_ratio=0.1),
+        mole("top-2 block, router lr x0.1", top_k=2, router_lr_ratio=0.1),
+        mole("top-2 block, frozen router", top_k=2, router_lr_ratio=0.0),
     ]
 
 

@@ -34,6 +34,7 @@ from moe_peft.bench.quality import (
     evaluate,
     load_base,
     make_batches,
+    make_optimizer,
     pretrained_base,
     summarize,
     training_mixture,
@@ -55,9 +56,9 @@ VARIANTS = {
     "prob": lambda: _mole(top1_weight="prob"),
     "bal0": lambda: _mole(router_aux_loss_coef=0.0),
     "bal10x": lambda: _mole(router_aux_loss_coef=0.1),
-    "router_lr10": lambda: Method("x", "moe", _mole().config, router_lr_scale=10.0),
-    "router_lr0": lambda: Method("x", "moe", _mole().config, router_lr_scale=0.0),  # routers frozen at init
-    "router_lr0.1": lambda: Method("x", "moe", _mole().config, router_lr_scale=0.1),
+    "router_lr10": lambda: _mole(router_lr_ratio=10.0),
+    "router_lr0": lambda: _mole(router_lr_ratio=0.0),  # routers frozen at init
+    "router_lr0.1": lambda: _mole(router_lr_ratio=0.1),
     # LoRA at one expert's rank: MoLE top-1's active parameters per token (equal active, not equal trainable)
     "lora_r5": lambda: Method("x", "lora", lambda r: LoraConfig(r=5, lora_alpha=10, **COMMON)),
 }
@@ -176,16 +177,7 @@ def run(variant, seed, every, out_dir, threads=1):
     pb = probe_batch(suite, tok)
     rec = Recorder(model)
     lr = LR.get(variant, 3e-3)
-    scale = method.router_lr_scale
-    groups = {False: [], True: []}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            groups[scale != 1.0 and "router" in name].append(p)
-    pgs = [{"params": groups[k], "lr": x} for k, x in zip((False, True), (lr, lr * scale)) if groups[k]]
-    opt = torch.optim.AdamW(pgs, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=[g["lr"] for g in pgs], total_steps=len(batches), pct_start=0.1
-    )
+    opt, sched = make_optimizer(model, lr, len(batches))
     model.train()
     trace, losses, t0 = [], [], time.perf_counter()
     for step, batch in enumerate(batches):

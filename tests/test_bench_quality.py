@@ -272,19 +272,25 @@ def test_run_keys_ignore_the_row_name_and_int_vs_float_alpha_but_not_the_config(
     assert q._run_key(q.Suite(), plain, 5, 3e-3, 0) != key
 
 
-def test_the_routers_lr_is_the_rows_scale_times_the_configs_ratio_in_the_key_and_in_the_optimizer(monkeypatch):
+def test_the_configs_router_lr_ratio_is_in_the_key_and_in_the_optimizer(monkeypatch):
     table = qm.method_table(6, 8, 32)
-    slow_row = table["MoLE top-1 block, router lr x0.1"]  # router_lr_scale=0.1 on the row, ratio 1 in the config
+    slow = table["MoLE top-1 block, router lr x0.1"]  # router_lr_ratio=0.1 in the config
     plain = table["MoLE top-1 block"]
-    slow_config = dataclasses.replace(plain, name="ratio in the config", config=lambda r: dataclasses.replace(
-        plain.config(r), router_lr_ratio=0.1))  # fmt: skip
-    key = q._run_key(q.Suite(), slow_row, 5, 3e-3, 0)
-    assert q._run_key(q.Suite(), slow_config, 5, 3e-3, 0) == key  # the same training, however it is asked for
+    key = q._run_key(q.Suite(), slow, 5, 3e-3, 0)
     assert q._run_key(q.Suite(), plain, 5, 3e-3, 0) != key
-    # a row that sets both multiplies them: 0.1 x 0.1
-    both = dataclasses.replace(slow_row, config=slow_config.config)
-    assert q.router_lr_scale(both, both.config(5)) == pytest.approx(0.01)
-    assert q._run_key(q.Suite(), both, 5, 3e-3, 0) not in (key, q._run_key(q.Suite(), plain, 5, 3e-3, 0))
+    frozen = q._run_key(q.Suite(), table["MoLE top-1 block, frozen router"], 5, 3e-3, 0)
+    assert frozen not in (key, q._run_key(q.Suite(), plain, 5, 3e-3, 0))
+    # the runs the real suite recorded (benchmarks/results) keep their keys: a restart skips them
+    from moe_peft.bench import quality_real as qr
+
+    path = os.path.join(
+        os.path.dirname(__file__), "..", "benchmarks", "results", "quality_smollm2-135m", "results.jsonl"
+    )
+    with open(path) as f:
+        recorded = {json.loads(line)["key"]: json.loads(line)["method"] for line in f}
+    real = qr.real_method_table(qr.RealSuite())
+    for name in ("MoLE top-1 block", "MoLE top-1 block, router lr x0.1", "MoLE top-1 block, frozen router"):
+        assert recorded[q._run_key(qr.RealSuite(), real[name], 7, 2e-3, 0)] == name
 
     # train() builds its optimizer from the model's config: the routers get lr * 0.1, nothing else does
     seen = {}
@@ -295,7 +301,7 @@ def test_the_routers_lr_is_the_rows_scale_times_the_configs_ratio_in_the_key_and
         return real_adamw(groups, **kw)
 
     monkeypatch.setattr(torch.optim, "AdamW", spy)
-    model = peft.get_peft_model(tiny_llama(**TINY), slow_config.config(4))
+    model = peft.get_peft_model(tiny_llama(**TINY), slow.config(4))
     q.train(model, [], 2e-3)  # no batches: the optimizer is built, nothing is stepped
     router = {id(p) for n, p in model.named_parameters() if "router" in n and p.requires_grad}
     lrs = {g["lr"]: {id(p) for p in g["params"]} for g in seen["groups"]}

@@ -162,6 +162,23 @@ def _model_inputs(batch: dict, method: Optional[Method]) -> dict:
 
 
 # -- training and evaluation ----------------------------------------------------------------------------------------
+def make_optimizer(model, lr: float, steps: int):
+    """AdamW without weight decay over the model's parameter groups (`router_param_groups`: each token-routed
+    adapter's routers at lr * its router_lr_ratio, everything else at lr) and a one-cycle schedule over `steps`
+    (10% warm-up, cosine decay). Returns (optimizer, scheduler)."""
+    from ..tuners import router_param_groups
+
+    param_groups = router_param_groups(model, lr)
+    optimizer = torch.optim.AdamW(param_groups, lr=lr, weight_decay=0.0)
+    # OneCycleLR needs a warm-up of at least one step and a decay after it: a short run (a PHATGOOSE expert on a small
+    # share of the rows) warms up over 2 steps instead of 10%, and a run of 1-2 steps keeps lr constant
+    if steps < 3:
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    max_lr = [g["lr"] for g in param_groups]
+    pct_start = 0.1 if steps > 10 else 2 / steps
+    return optimizer, torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr, total_steps=steps, pct_start=pct_start)
+
+
 def train(
     model, batches: list[dict], lr: float, method: Optional[Method] = None, device=None, autocast_dtype=None
 ) -> tuple[list[float], float]:
@@ -171,23 +188,7 @@ def train(
     weights stay float32), None for none."""
     import contextlib
 
-    scale = router_lr_scale(method, _peft_config(model))
-    groups: dict[bool, list] = {False: [], True: []}  # is a router parameter -> parameters
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            groups[scale != 1.0 and "router" in name].append(p)
-    lrs = [lr, lr * scale]
-    param_groups = [{"params": groups[k], "lr": x} for k, x in zip((False, True), lrs) if groups[k]]
-    optimizer = torch.optim.AdamW(param_groups, lr=lr, weight_decay=0.0)
-    max_lr = [g["lr"] for g in param_groups]
-    # OneCycleLR needs a warm-up of at least one step and a decay after it: a short run (a PHATGOOSE expert on a small
-    # share of the rows) warms up over 2 steps instead of 10%, and a run of 1-2 steps keeps lr constant
-    n = len(batches)
-    schedule = (
-        torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=n, pct_start=0.1 if n > 10 else 2 / n)
-        if n >= 3
-        else torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    )
+    optimizer, schedule = make_optimizer(model, lr, len(batches))
     model.train()
     losses, times = [], []
     device = torch.device(device or "cpu")
@@ -372,18 +373,6 @@ def _stable(value):
     return value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
 
 
-def _peft_config(model):
-    configs = getattr(model, "peft_config", None) or {}
-    return next(iter(configs.values()), None)
-
-
-def router_lr_scale(method: Optional[Method], config) -> float:
-    """The routers' lr over the experts': the row's `router_lr_scale` times the config's `router_lr_ratio` (a
-    token-routed config's field, 1.0 unless set or defaulted otherwise), so that neither is silently dropped."""
-    scale = method.router_lr_scale if method is not None else 1.0
-    return scale * getattr(config, "router_lr_ratio", 1.0)
-
-
 def _run_key(suite: Suite, method: Method, rank: int, lr: float, seed: int) -> str:
     """What a run depends on: the suite (less the lists it is repeated over), the method's config and inputs, lr and
     seed; not its name, so that a study reuses the runs of another that trained the same thing."""
@@ -391,9 +380,9 @@ def _run_key(suite: Suite, method: Method, rank: int, lr: float, seed: int) -> s
     cfg = _stable(config.to_dict() if hasattr(config, "to_dict") else dataclasses.asdict(config))
     if cfg.get("expert_scaling") == "lora":
         del cfg["expert_scaling"]  # what every config did before the field existed: the runs recorded then still count
-    # the routers' lr enters as one number, however it is set (the row or the config): equal training, equal key
-    scale = router_lr_scale(method, config)
-    cfg.pop("router_lr_ratio", None)
+    # the routers' lr enters under the name it had before the config field existed (a row's router_lr_scale): the
+    # runs recorded then still count
+    scale = float(cfg.pop("router_lr_ratio", 1.0))  # _stable wrote 0.0 as 0
     blob = json.dumps(
         {"suite": dataclasses.asdict(suite) | {"seeds": None, "lrs": None, "timing_reps": None}, "kind": method.kind,
          "config": cfg, "lr": lr, "seed": seed, "sample_types": method.sample_types, "task_ids": method.task_ids}

@@ -45,7 +45,6 @@ class Method:
     fixed_rank: Optional[int] = None  # the equal-active rows: no fitting to the budget
     equal_active: bool = False
     note: str = ""
-    router_lr_scale: float = 1.0  # routers train at lr * router_lr_scale
 
 
 def _lora(r: int) -> LoraConfig:
@@ -133,12 +132,11 @@ def method_table(num_experts: int, num_tasks: int, budget_rank: int) -> dict[str
             _mole(e, top_k=1, routing_level="sequence"),
             note="each sample routed once from its prompt (mean-pooled hidden state)",
         ),
-        Method("MoLE top-1 block, router lr x0.1", "moe", _mole(e, top_k=1), router_lr_scale=0.1),
+        Method("MoLE top-1 block, router lr x0.1", "moe", _mole(e, top_k=1, router_lr_ratio=0.1)),
         Method(
             "MoLE top-1 block, frozen router",
             "moe",
-            _mole(e, top_k=1),
-            router_lr_scale=0.0,
+            _mole(e, top_k=1, router_lr_ratio=0.0),
             note="routers kept at their initialisation",
         ),
     ]
