@@ -2,12 +2,13 @@
 
     python examples/deploy_export.py                  # the README "Deploy" table (native_moe rows); minutes on 2 cores
     python examples/deploy_export.py --quick          # a smoke run (seconds, meaningless numbers)
-    python examples/deploy_export.py --router-bias    # MoLE's default router bias: native_moe refuses, says why
+    python examples/deploy_export.py --router-bias    # a router bias that trains: native_moe refuses, says why
 
 Scenario (one): the demo's tiny Llama and bundled tasks (moe-peft demo), adapted the way a native sparse-MoE
 export needs: MoLE on the MLP blocks only (gate/up/down routed together, top-1, router_bias=False) plus a plain LoRA
 on attention (a one-expert mixture, trained at the same time as a second active adapter). The demo's own adapter
-routes attention and has router biases, so `native_moe` refuses it, naming both. Then:
+routes attention, so `native_moe` refuses it, naming that. (Its router biases stay at their zero init: top-1 routers
+are frozen by default; a bias that trained, --router-bias here, is refused too.) Then:
 
   * native_moe: a stock Mixtral checkpoint (router = the MoLE router, expert e = base MLP + expert e's deltas, the
     attention LoRA merged), loaded by a separate Python that never imports moe_peft, compared with the routed model;
@@ -79,7 +80,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="a smoke run: 20 steps, 32 calibration rows")
     parser.add_argument(
-        "--router-bias", action="store_true", help="train with MoLE's default router_bias=True (native_moe refuses it)"
+        "--router-bias",
+        action="store_true",
+        help="router_bias=True with routers that train (router_lr_ratio=1): native_moe refuses the trained bias",
     )
     args = parser.parse_args(argv)
     if args.quick:
@@ -97,6 +100,8 @@ def main(argv=None) -> dict:
         top_k=1,
         target_modules=["gate_proj", "up_proj", "down_proj"],  # the MLP blocks only: one router per block
         router_bias=args.router_bias,  # False: a stock sparse-MoE router has no bias
+        # top-1 routers are frozen by default (a bias then stays 0 and exports); --router-bias trains them
+        router_lr_ratio=1.0 if args.router_bias else None,
         router_aux_loss_coef=0.01,
         modules_to_save=["embed_tokens", "lm_head"],  # the character vocabulary is new to the base (as in the demo)
         task_type="CAUSAL_LM",

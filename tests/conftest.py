@@ -61,8 +61,10 @@ VOCAB = 64
 def make_config(case: str, **overrides):
     """The method x routing cases every contract test runs over."""
     cases = {
+        # routers that train (router_lr_ratio=1): the contract's router-gradient checks need them; top-1's default,
+        # routers frozen at init, is covered by test_router_lr_ratio.py (and by DDP/FSDP/ZeRO in test_distributed.py)
         "mole_block": lambda: moe_peft.MoLEConfig(
-            r=4, num_experts=4, top_k=1, target_modules=MLP, router_z_loss_coef=1e-3
+            r=4, num_experts=4, top_k=1, target_modules=MLP, router_z_loss_coef=1e-3, router_lr_ratio=1.0
         ),
         "mole_linear_top2": lambda: moe_peft.MoLEConfig(
             r=4, num_experts=4, top_k=2, router_granularity="linear", target_modules=MLP + ["q_proj", "v_proj"]

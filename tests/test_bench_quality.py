@@ -278,9 +278,10 @@ def test_the_configs_router_lr_ratio_is_in_the_key_and_in_the_optimizer(monkeypa
     plain = table["MoLE top-1 block"]
     key = q._run_key(q.Suite(), slow, 5, 3e-3, 0)
     assert q._run_key(q.Suite(), plain, 5, 3e-3, 0) != key
-    frozen = q._run_key(q.Suite(), table["MoLE top-1 block, frozen router"], 5, 3e-3, 0)
-    assert frozen not in (key, q._run_key(q.Suite(), plain, 5, 3e-3, 0))
-    # the runs the real suite recorded (benchmarks/results) keep their keys: a restart skips them
+    learned = q._run_key(q.Suite(), table["MoLE top-1 block, learned router"], 5, 3e-3, 0)
+    assert learned not in (key, q._run_key(q.Suite(), plain, 5, 3e-3, 0))
+    # the runs the real suite recorded (benchmarks/results) keep their keys: a restart skips them. Since issue 23 the
+    # default row trains frozen routers, the runs recorded as "frozen router"; the learned ones are their own row
     from moe_peft.bench import quality_real as qr
 
     path = os.path.join(
@@ -289,8 +290,16 @@ def test_the_configs_router_lr_ratio_is_in_the_key_and_in_the_optimizer(monkeypa
     with open(path) as f:
         recorded = {json.loads(line)["key"]: json.loads(line)["method"] for line in f}
     real = qr.real_method_table(qr.RealSuite())
-    for name in ("MoLE top-1 block", "MoLE top-1 block, router lr x0.1", "MoLE top-1 block, frozen router"):
-        assert recorded[q._run_key(qr.RealSuite(), real[name], 7, 2e-3, 0)] == name
+    renamed = {
+        "MoLE top-1 block": "MoLE top-1 block, frozen router",
+        "MoLE top-1 block, learned router": "MoLE top-1 block",
+        "MoLE top-1 block, router lr x0.1": "MoLE top-1 block, router lr x0.1",
+        "MoLE top-1 block, equal active, learned router": "MoLE top-1 block, equal active",
+    }
+    for name, was in renamed.items():
+        rank = 44 if "equal active" in name else 7
+        lr = 1e-3 if "equal active" in name else 2e-3
+        assert recorded[q._run_key(qr.RealSuite(), real[name], rank, lr, 0)] == was
 
     # train() builds its optimizer from the model's config: the routers get lr * 0.1, nothing else does
     seen = {}

@@ -397,7 +397,7 @@ def test_base_aux_loss_and_router_losses_are_both_in_the_loss():
 
 @pytest.mark.parametrize("reentrant", [True, False])
 def test_gradient_checkpointing_gives_the_same_gradients(reentrant):
-    model = _experts_model(target_modules=["q_proj"], num_experts=2)
+    model = _experts_model(target_modules=["q_proj"], num_experts=2, router_lr_ratio=1.0)  # routers that train
     ids = _ids()
     grads = checkpointed_grads(model, reentrant, lambda m: m(input_ids=ids, labels=ids).loss)
     assert any("experts.mole_B" in n and g.abs().max() > 0 for n, g in grads.items())
@@ -587,7 +587,9 @@ def test_roma_on_the_base_routers_combines_with_expert_lora(tmp_path):
 @pytest.mark.parametrize("arch, shared", [("qwen2_moe", "shared_expert"), ("deepseek_v3", "shared_experts")])
 def test_shared_experts_take_a_routed_method_next_to_the_expert_lora(arch, shared):
     targets = [f"{shared}.gate_proj", f"{shared}.up_proj", f"{shared}.down_proj"]
-    config = moe_peft.MoLEConfig(r=4, num_experts=3, top_k=1, target_modules=targets, target_parameters=EXPERTS)
+    config = moe_peft.MoLEConfig(
+        r=4, num_experts=3, top_k=1, target_modules=targets, target_parameters=EXPERTS, router_lr_ratio=1.0
+    )  # routers that train: their gradient is checked
     model = get_peft_model(tiny_moe(arch), config)
     _randomize(model)
     mlp = model.base_model.model.model.layers[0].mlp

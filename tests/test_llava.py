@@ -288,9 +288,10 @@ def _train_with_moe_sft_trainer(tokenizer, tmp_path, coef: float, groups=None) -
 
     processor = build_processor("llava", image_size=16, tokenizer=tokenizer)
     base = tiny("llava", tokenizer)
-    config = mole_llava_config(
-        base, r=4, lora_alpha=8, router_aux_loss_coef=coef, router_z_loss_coef=coef, modality_experts=groups
-    )
+    config = mole_llava_config(  # routers that train (top-1 freezes them by default): whether they move is checked
+        base, r=4, lora_alpha=8, router_aux_loss_coef=coef, router_z_loss_coef=coef, modality_experts=groups,
+        router_lr_ratio=1.0,
+    )  # fmt: skip
     args = SFTConfig(
         output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2, report_to=[],
         save_strategy="no", bf16=False, gradient_checkpointing=False, disable_tqdm=True, seed=0,

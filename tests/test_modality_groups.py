@@ -190,7 +190,7 @@ def test_layer_balance_loss_is_per_group_over_that_groups_non_padding_tokens():
 
 def test_a_masked_expert_gets_no_gradient_from_another_groups_tokens():
     """Only image tokens in the loss path: the router rows of the text experts get no gradient."""
-    model = grouped(tiny_llava(), router_aux_loss_coef=0.1)
+    model = grouped(tiny_llava(), router_aux_loss_coef=0.1, router_lr_ratio=1.0)  # routers that train
     model.train()
     ids = torch.tensor([[IMAGE, IMAGE, IMAGE, IMAGE]])
     out = model(input_ids=ids, pixel_values=torch.randn(1, 3, 8, 8, generator=_g()), labels=ids)

@@ -39,7 +39,11 @@ QUANT = {
 # quantizes each input row to int8 (LLM.int8), which the oracle does not: errors of about 1% of the output.
 TOL = {"nf4": dict(rtol=2e-2, atol=2e-2), "fp4": dict(rtol=1e-4, atol=1e-5), "int8": dict(rtol=0.1, atol=0.1)}
 METHODS = {
-    "mole": lambda: moe_peft.MoLEConfig(r=4, num_experts=4, top_k=1, target_modules=MLP + ["q_proj"]),
+    "mole": lambda: (
+        moe_peft.MoLEConfig(  # routers that train (top-1 freezes them by default): their gradient is checked
+            r=4, num_experts=4, top_k=1, target_modules=MLP + ["q_proj"], router_lr_ratio=1.0
+        )
+    ),
     "mole_top2_linear": lambda: moe_peft.MoLEConfig(
         r=4, num_experts=4, top_k=2, router_granularity="linear", target_modules=MLP
     ),

@@ -173,7 +173,8 @@ def _frozen_inputs(case: str, batch: dict) -> dict:
     ids=[*FROZEN_CASES, "checkpointed"],
 )
 def test_ratio_zero_leaves_every_router_bit_identical_under_a_plain_optimizer(base, batch, case, checkpointing):
-    """AdamW with weight decay over every trainable parameter: the routers get no gradient (from the task or the router
+    """AdamW with weight decay over every trainable parameter, the routers included even at ratio 0 (whose layer marks
+    them requires_grad=False): the routers get no gradient (from the task or the router
     losses), so they do not move; the experts do. With ratio 1 the same step gives the routers a gradient. Also under
     reentrant gradient checkpointing, whose recomputation routes again."""
     models = {}
@@ -189,7 +190,9 @@ def test_ratio_zero_leaves_every_router_bit_identical_under_a_plain_optimizer(ba
     inputs = _frozen_inputs(case, batch)
     for ratio, model in models.items():
         routers = _routers_by_layer(model)
-        assert routers and all(p.requires_grad for p in routers)
+        assert routers and all(p.requires_grad == (ratio != 0) for p in routers)
+        for p in routers:  # also a router the user marks trainable gets no gradient at 0: the forward reads it detached
+            p.requires_grad_(True)
         before = _snapshot(model)
         smora_bias = [b.clone() for n, b in model.named_buffers() if "selection_bias" in n]
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
@@ -233,6 +236,94 @@ def test_a_new_config_resolves_none_by_the_class_rule(cls, monkeypatch):
     monkeypatch.setattr(cls, "_default_router_lr_ratio", lambda self: 0.25)
     assert cls(target_modules=MLP).router_lr_ratio == 0.25
     assert cls(target_modules=MLP, router_lr_ratio=0.5).router_lr_ratio == 0.5
+
+
+# MoLE top-1's default since issue 23 (docs/quality.md, "Defaults after issue 23"): routers frozen at init where that
+# was measured better (plain top-1 token routing), trained at lr everywhere else; the user's value always wins
+@pytest.mark.parametrize(
+    "fields, expected",
+    [
+        ({}, 0.0),  # MoLE is top-1 unless told otherwise
+        ({"top_k": 1}, 0.0),
+        ({"top_k": 1, "router_granularity": "linear"}, 0.0),
+        ({"modality_experts": {"text": 2, "image": 2}}, 0.0),  # top-1 within each group
+        ({"top_k": 2}, 1.0),
+        ({"top_k": 1, "top1_weight": "prob"}, 1.0),
+        ({"top_k": 1, "num_null_experts": 2}, 1.0),
+        ({"top_p": 0.5}, 1.0),
+        ({"top_k": 1, "routing_level": "sequence"}, 1.0),
+        ({"top_k": 1, "router_lr_ratio": 1.0}, 1.0),
+        ({"top_k": 1, "router_lr_ratio": 0.1}, 0.1),
+        ({"top_k": 2, "router_lr_ratio": 0.0}, 0.0),
+    ],
+)
+def test_mole_top1_token_routing_defaults_to_frozen_routers(fields, expected):
+    config = moe_peft.MoLEConfig(target_modules=MLP, **fields)
+    assert config.router_lr_ratio == expected
+    assert moe_peft.MoLEConfig(**config.to_dict()).router_lr_ratio == expected  # as saved: the value, not the rule
+
+
+@pytest.mark.parametrize("cls", [moe_peft.LoRAMoEConfig, moe_peft.SMoRAConfig])
+def test_the_other_token_routed_methods_default_to_routers_at_lr(cls):
+    assert cls(target_modules=MLP).router_lr_ratio == 1.0
+
+
+def test_the_default_top1_adapter_trains_its_experts_not_its_routers(base, batch):
+    """The default is applied, not only resolved: under a plain AdamW, a default top-1 MoLE keeps every router bit
+    identical while its experts move; the same adapter with router_lr_ratio=1.0 moves its routers."""
+    for ratio, routers_move in ((None, False), (1.0, True)):
+        fields = {} if ratio is None else {"router_lr_ratio": ratio}
+        model = _model(copy.deepcopy(base), **fields)
+        before = _snapshot(model)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        for _ in range(2):
+            _step(model, optimizer, batch)
+        routers = [n for n, _ in model.named_parameters() if "_router." in n]
+        assert routers
+        moved = {n: not torch.equal(before[n], p) for n, p in model.named_parameters()}
+        assert all(moved[n] == routers_move for n in routers), ratio
+        assert any(moved[n] for n in moved if "mole_A." in n) and any(moved[n] for n in moved if "mole_B." in n)
+
+
+def _router_grad_flags(model, adapter: str = "default") -> list[bool]:
+    return [p.requires_grad for n, p in model.named_parameters() if f"_router.{adapter}." in n]
+
+
+def test_frozen_routers_keep_requires_grad_false_on_every_peft_path(base, tmp_path):
+    """Ratio 0 leaves the routers out of PEFT's trainable parameters (so DDP / FSDP do not wait for their gradient)
+    after every call that marks an adapter trainable; a second adapter with ratio 1 keeps its routers trainable."""
+    model = _model(copy.deepcopy(base))  # top-1: frozen by default
+    experts = sum(p.numel() for n, p in model.named_parameters() if "mole_A." in n or "mole_B." in n)
+    assert _router_grad_flags(model) and not any(_router_grad_flags(model))
+    assert model.get_nb_trainable_parameters()[0] == experts  # hand count: the experts, no router
+    model.add_adapter("learned", moe_peft.MoLEConfig(r=4, num_experts=4, target_modules=MLP, router_lr_ratio=1.0))
+    for call in (
+        lambda: model.set_adapter("default"),
+        lambda: model.base_model.set_adapter(["default", "learned"]),
+        lambda: model.base_model.set_requires_grad(["default", "learned"], True),
+        lambda: (model.disable_adapter_layers(), model.enable_adapter_layers()),
+    ):
+        call()
+        assert not any(_router_grad_flags(model, "default"))
+    assert all(_router_grad_flags(model, "learned"))  # the other adapter's routers still train
+    model.delete_adapter("learned")
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, is_trainable=True)
+    assert _router_grad_flags(loaded) and not any(_router_grad_flags(loaded))
+    loaded.load_adapter(tmp_path, "again", is_trainable=True)
+    loaded.set_adapter("again")
+    assert _router_grad_flags(loaded, "again") and not any(_router_grad_flags(loaded, "again"))
+    for name, p in loaded.named_parameters():  # the frozen routers reloaded as saved (their init)
+        if "_router.default." in name:
+            torch.testing.assert_close(p, dict(model.named_parameters())[name], rtol=0, atol=0)
+
+
+def test_a_default_top1_adapter_reloads_frozen(base, tmp_path):
+    model = _model(copy.deepcopy(base))
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["router_lr_ratio"] == 0.0
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, is_trainable=True)
+    assert loaded.peft_config["default"].router_lr_ratio == 0.0
 
 
 def test_a_saved_adapter_without_the_key_reloads_with_ratio_one(base, tmp_path, monkeypatch):

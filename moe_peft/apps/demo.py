@@ -90,7 +90,8 @@ def run_demo(
     )
     model = get_peft_model(base, config)
     print(
-        f"moe-peft demo: MoLE, {config.num_experts} LoRA experts of rank {config.r}, top-{config.top_k}, "
+        f"moe-peft demo: MoLE, {config.num_experts} LoRA experts of rank {config.r}, top-{config.top_k}"
+        f"{' (routers frozen at init, the top-1 default)' if config.router_lr_ratio == 0 else ''}, "
         f"tasks {', '.join(DEFAULT_TASKS)}"
     )
     model.print_trainable_parameters()

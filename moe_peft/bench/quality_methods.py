@@ -51,9 +51,14 @@ def _lora(r: int) -> LoraConfig:
     return LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS, task_type="CAUSAL_LM")
 
 
-def _mole(num_experts: int, **kwargs) -> Callable[[int], MoLEConfig]:
+def _mole(num_experts: int, alpha_factor: float = 1.0, **kwargs) -> Callable[[int], MoLEConfig]:
     return lambda r: MoLEConfig(
-        r=r, lora_alpha=2 * r, num_experts=num_experts, target_modules=TARGETS, task_type="CAUSAL_LM", **kwargs
+        r=r,
+        lora_alpha=2 * r * alpha_factor,
+        num_experts=num_experts,
+        target_modules=TARGETS,
+        task_type="CAUSAL_LM",
+        **kwargs,
     )
 
 
@@ -63,10 +68,15 @@ def _loramoe(num_experts: int, **kwargs) -> Callable[[int], LoRAMoEConfig]:
     )
 
 
-def _smora(top_k: Optional[int]) -> Callable[[int], SMoRAConfig]:
-    # SMoRA's rank is its number of rank-1 experts; the released r=64, k=8 activates 1/8 of them
+def _smora(top_k: Optional[int], k_share: float = 1 / 8, **kwargs) -> Callable[[int], SMoRAConfig]:
+    # SMoRA's rank is its number of rank-1 experts; the released r=64, k=8 activates 1/8 of them (k_share)
     return lambda r: SMoRAConfig(
-        r=r, lora_alpha=2 * r, top_k=top_k or math.ceil(r / 8), target_modules=TARGETS, task_type="CAUSAL_LM"
+        r=r,
+        lora_alpha=2 * r,
+        top_k=top_k or math.ceil(r * k_share),
+        target_modules=TARGETS,
+        task_type="CAUSAL_LM",
+        **kwargs,
     )
 
 
@@ -92,9 +102,11 @@ def method_table(num_experts: int, num_tasks: int, budget_rank: int) -> dict[str
     e = num_experts
     rows = [
         Method("LoRA", "lora", _lora, note=f"PEFT LoRA r={budget_rank}: the budget"),
-        Method("MoLE top-1 block", "moe", _mole(e, top_k=1)),
+        Method("MoLE top-1 block", "moe", _mole(e, top_k=1), note="routers frozen at init (the default)"),
         Method("MoLE top-2 block", "moe", _mole(e, top_k=2)),
-        Method("MoLE top-1 linear", "moe", _mole(e, top_k=1, router_granularity="linear")),
+        Method(
+            "MoLE top-1 linear", "moe", _mole(e, top_k=1, router_granularity="linear"), note="routers frozen at init"
+        ),
         Method("MoLE top-2 linear", "moe", _mole(e, top_k=2, router_granularity="linear")),
         Method("MoLE null experts", "moe", _mole(e, top_k=2, num_null_experts=e // 2), note=f"{e // 2} null, top-2"),
         Method("MoLE top-p", "moe", _mole(e, top_k=e, top_p=0.4), note="p=0.4, at most all experts"),
@@ -132,12 +144,51 @@ def method_table(num_experts: int, num_tasks: int, budget_rank: int) -> dict[str
             _mole(e, top_k=1, routing_level="sequence"),
             note="each sample routed once from its prompt (mean-pooled hidden state)",
         ),
+        # MoLE top-1 as it was before issue 23 made frozen routers its default: routers at the experts' lr
+        Method(
+            "MoLE top-1 block, learned router",
+            "moe",
+            _mole(e, top_k=1, router_lr_ratio=1.0),
+            note="routers at the experts' lr (the default before issue 23)",
+        ),
         Method("MoLE top-1 block, router lr x0.1", "moe", _mole(e, top_k=1, router_lr_ratio=0.1)),
         Method(
-            "MoLE top-1 block, frozen router",
+            "MoLE top-1 linear, learned router",
             "moe",
-            _mole(e, top_k=1, router_lr_ratio=0.0),
-            note="routers kept at their initialisation",
+            _mole(e, top_k=1, router_granularity="linear", router_lr_ratio=1.0),
+            note="routers at the experts' lr",
+        ),
+        Method(
+            "MoLE top-1 block, equal active, learned router",
+            "moe",
+            _mole(e, top_k=1, router_lr_ratio=1.0),
+            fixed_rank=budget_rank,
+            equal_active=True,
+        ),
+        # issue 23, item 5 on both suites (the tiny suite's studies in benchmarks/quality_ablations.py train the same
+        # configs, so their runs are shared); each sets router_lr_ratio itself, so no row changes with a default
+        Method(
+            "MoLE top-1 block, weight p, alpha x E",
+            "moe",
+            _mole(e, alpha_factor=e, top_k=1, top1_weight="prob", router_lr_ratio=1.0),
+            note="expert output x its router probability; alpha x E undoes the ~1/E weight",
+        ),
+        Method(
+            "MoLE top-1 block, balance 0.1", "moe", _mole(e, top_k=1, router_aux_loss_coef=0.1, router_lr_ratio=1.0)
+        ),
+        Method("MoLE top-2 block, frozen router", "moe", _mole(e, top_k=2, router_lr_ratio=0.0)),
+        Method("MoLE top-2 block, balance 0", "moe", _mole(e, top_k=2, router_aux_loss_coef=0.0, router_lr_ratio=1.0)),
+        Method(
+            "MoLE top-2 block, E=2", "moe", _mole(2, top_k=2, router_lr_ratio=1.0), note="2 experts of a larger rank"
+        ),
+        Method("SMoRA k=1", "moe", _smora(1), note="one rank active"),
+        Method("SMoRA, no bias update", "moe", _smora(None, bias_update_rate=0.0), note="k = ceil(r / 8)"),
+        Method("SMoRA k=r/3", "moe", _smora(None, k_share=1 / 3), note="k = ceil(r / 3): 7 of 21 on the tiny suite"),
+        Method(
+            "MoLE top-2 block, balance 0.1",
+            "moe",
+            _mole(e, top_k=2, router_aux_loss_coef=0.1, router_lr_ratio=1.0),
+            note="10x the default balance weight",
         ),
     ]
     return {m.name: m for m in rows}
@@ -145,7 +196,11 @@ def method_table(num_experts: int, num_tasks: int, budget_rank: int) -> dict[str
 
 # -- parameter accounting -------------------------------------------------------------------------------------------
 def count_trainable(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    """The adapter's trained parameters, routers frozen at init (router_lr_ratio=0, requires_grad False) included:
+    they are part of the adapter as saved, and counting them keeps each row's size, and so its fitted rank, what it
+    was before frozen routers left PEFT's trainable count."""
+    routers = {id(p) for m in model.modules() if isinstance(m, MoELoraLinear) for p in m.routers.parameters()}
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or id(p) in routers)
 
 
 def adapted_linears(base: nn.Module) -> list[nn.Linear]:

@@ -58,7 +58,7 @@ from ..data.instructions import (
     tokenize_chat,
 )
 from .quality import _model_inputs, _run_key, train
-from .quality_methods import Method, fit_rank, method_table, moe_active_params
+from .quality_methods import Method, _mole, fit_rank, method_table, moe_active_params
 
 GENERAL = "general"  # the group of the general rows: MHR's task id for them, PHATGOOSE's expert trained on them
 # the rows the real suite can run (--methods), from the tiny suite's table
@@ -76,8 +76,19 @@ REAL_METHODS = (
     "MoLE top-2 block, equal active",
     "SMoRA k=r",
     "MoLE top-1 block, sequence",
+    "MoLE top-1 block, learned router",
     "MoLE top-1 block, router lr x0.1",
-    "MoLE top-1 block, frozen router",
+    "MoLE top-1 block, equal active, learned router",
+    "MoLE top-1 block, weight p, alpha x E",
+    "MoLE top-1 block, balance 0.1",
+    "MoLE top-2 block, frozen router",
+    "MoLE top-2 block, balance 0",
+    "MoLE top-2 block, E=2",
+    "SMoRA k=1",
+    "SMoRA, no bias update",
+    "MoLE top-1 block, sequence, router reads layer 15",
+    "SMoRA k=r/3",
+    "MoLE top-2 block, balance 0.1",
 )
 # what it runs by default: LoRA, MoLE top-1 / top-2, LoRAMoE with both forms of localized balancing, SMoRA, MHR (told
 # the task), PHATGOOSE, and MoLE at LoRA's active parameters (the budget in docs/quality.md is for these 10 rows)
@@ -194,7 +205,20 @@ def real_method_table(suite: RealSuite) -> dict[str, Method]:
     """The tiny suite's rows (quality_methods.method_table) that the real suite runs: 6 experts (one per task),
     MHR with 7 task ids (the tasks and the general rows)."""
     table = method_table(len(suite.tasks), len(suite.all_tasks), suite.budget_rank)
+    table.update(_real_only_rows(len(suite.tasks)))
     return {name: table[name] for name in REAL_METHODS}
+
+
+def _real_only_rows(num_experts: int) -> dict[str, Method]:
+    """Rows that need the real model's depth: a sequence router reading the middle of SmolLM2's 30 layers (issue 23,
+    item 2; the tiny suite's 2-layer form is in benchmarks/quality_ablations.py, study "routing")."""
+    row = Method(
+        "MoLE top-1 block, sequence, router reads layer 15",
+        "moe",
+        _mole(num_experts, top_k=1, routing_level="sequence", router_input_layer=15),
+        note="every router reads the frozen base's layer-15 output, pooled over the prompt",
+    )
+    return {row.name: row}
 
 
 # -- data -----------------------------------------------------------------------------------------------------------

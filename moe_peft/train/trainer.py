@@ -286,7 +286,8 @@ class MoESFTTrainer(RoMALossMixin, SFTTrainer):
 
     # -- the optimizer: each routed adapter's router_lr_ratio ------------------------------------------------------
     def create_optimizer(self, model=None):
-        """Trainer's optimizer, over `router_param_groups` when a routed adapter's router_lr_ratio is not 1: its routers
+        """Trainer's optimizer, over `router_param_groups` when a routed adapter's router_lr_ratio is neither 1 nor 0 (0,
+        MoLE top-1's default, needs no group: those routers have requires_grad=False and are read detached): its routers
         at learning_rate * ratio, the rest at learning_rate, weight decay split as Trainer splits it. The class and
         its arguments are Trainer's for `optim` (or `optimizer_cls_and_kwargs`); the learning-rate scheduler then
         scales every group by the same factor, so the ratio holds through warm-up and decay."""
@@ -294,7 +295,7 @@ class MoESFTTrainer(RoMALossMixin, SFTTrainer):
 
         opt_model = self.model if model is None else model
         ratios = router_ratios(opt_model)
-        if self.optimizer is not None or all(r == 1 for r in ratios.values()):
+        if self.optimizer is not None or all(r in (0, 1) for r in ratios.values()):
             return super().create_optimizer(model)
         if self.optimizer_cls_and_kwargs is not None:
             optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
@@ -303,8 +304,6 @@ class MoESFTTrainer(RoMALossMixin, SFTTrainer):
         # optimizers that take the model or their own parameter layout (Muon/Dion factories, GaLore, LOMO, layer-wise)
         if is_optimizer_factory(optimizer_cls) or {"params", "model", "optimizer_dict"} & set(optimizer_kwargs):
             scaled = {a: r for a, r in ratios.items() if r not in (0, 1)}
-            if not scaled:  # ratio 0 holds in the forward, whatever the optimizer
-                return super().create_optimizer(model)
             raise ValueError(
                 f"optim={self.args.optim!r} builds its own parameter groups, so it cannot apply router_lr_ratio "
                 f"{scaled}; use another optim (adamw_torch, sgd, ...), or router_lr_ratio=1 (or 0: frozen routers)."

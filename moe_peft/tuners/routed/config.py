@@ -163,9 +163,9 @@ class MoELoraConfig(ConfigFile):
             A ratio other than 0 and 1 is applied by an optimizer built from parameter groups:
             `moe_peft.create_router_optimizer(model, lr=...)` (or `router_param_groups`), MoESFTTrainer and
             `moe-peft train` do it; a training forward under any other optimizer warns once. None (the default)
-            resolves to `_default_router_lr_ratio()` (1.0) for a new config, and to 1.0 for a saved
-            adapter_config.json without the key (it predates the field, when routers trained at lr), on every
-            loading path.
+            resolves to `_default_router_lr_ratio()` for a new config (1.0; 0 for MoLE's plain top-1 token routing),
+            and to 1.0 for a saved adapter_config.json without the key (it predates the field, when routers trained
+            at lr), on every loading path.
     """
 
     r: int = field(default=8, metadata={"help": "Rank of each LoRA expert."})
@@ -222,7 +222,7 @@ class MoELoraConfig(ConfigFile):
         default=None,
         metadata={
             "help": "Routers train at lr * router_lr_ratio (0: frozen at init); applied by create_router_optimizer, "
-            "MoESFTTrainer and moe-peft train. None: the method's default (1.0)."
+            "MoESFTTrainer and moe-peft train. None: the method's default (1.0; MoLE top-1: 0)."
         },
     )
 
@@ -448,6 +448,25 @@ class MoLEConfig(MoELoraConfig):
 
     def _num_null_experts(self) -> int:
         return self.num_null_experts if isinstance(self.num_null_experts, int) else 0
+
+    def _default_router_lr_ratio(self) -> float:
+        """0 (routers frozen at init) for plain top-1 token routing, 1 otherwise.
+
+        Issue 23 (docs/quality.md, "Defaults after issue 23"): a top-1 router kept at its random initialization, a
+        fixed random partition of the hidden states as in hash routing (Roller et al. 2021, "Hash Layers For Large
+        Sparse Models"), scored higher and forgot less than one trained at the experts' lr on both quality suites, and
+        varied less across seeds (a learned top-1 router's load drifts under the balance loss: docs/quality.md, item
+        3). Where frozen routers were not measured better (top-k > 1, top1_weight="prob", null experts, top-p, sequence
+        routing) routers train at lr.
+        """
+        hashed = (
+            self.top_k == 1
+            and self.top_p is None
+            and self.top1_weight == "straight_through"
+            and self._num_null_experts() == 0
+            and self.routing_level == "token"
+        )
+        return 0.0 if hashed else 1.0
 
     def gate_spread(self) -> int:
         if self.top_p is not None:

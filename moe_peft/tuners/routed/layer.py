@@ -32,6 +32,7 @@ from .methods import (
     is_mergeable,
     plain_routing,
     route,
+    router_frozen,
     router_loss_and_stats,
 )
 
@@ -128,6 +129,7 @@ class MoELoraLinear(nn.Module, BaseTunerLayer):
             self.routers[adapter_name] = build_router(config, router_features or self.in_features)
         self.reset_parameters(adapter_name, config.init_lora_weights)
         self._move_adapter_to_device_of_base_layer(adapter_name)
+        self._declare_frozen_router(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def add_block_router(self, adapter_name: str, config: MoELoraConfig, router_features: Optional[int] = None) -> None:
@@ -135,7 +137,21 @@ class MoELoraLinear(nn.Module, BaseTunerLayer):
         if adapter_name not in self.routers:
             self.routers[adapter_name] = build_router(config, router_features or self.in_features)
             self._move_adapter_to_device_of_base_layer(adapter_name)
+            self._declare_frozen_router(adapter_name)
             self.set_adapter(self.active_adapters)
+
+    def _declare_frozen_router(self, adapter_name: str) -> None:
+        """router_lr_ratio=0: the adapter's router keeps requires_grad=False. PEFT re-applies
+        `frozen_peft_weight_names` on every path that marks an adapter trainable (set_adapter, set_requires_grad,
+        _mark_only_adapters_as_trainable, a reload with is_trainable=True), so PEFT's trainable count leaves the router
+        out, and DDP / FSDP / DeepSpeed do not wait for a gradient it never gets (its weights are also read detached
+        in the forward: methods.router_frozen)."""
+        frozen = dict(self.frozen_peft_weight_names)  # a copy: the class attribute's default dict is shared
+        if router_frozen(self.configs[adapter_name]):
+            frozen[adapter_name] = (self.adapter_layer_names[2],)  # moe_router
+        else:
+            frozen.pop(adapter_name, None)
+        self.frozen_peft_weight_names = frozen
 
     def _owns_block_router(self, adapter: str) -> bool:
         # a block router exists only on the block's owner layer
