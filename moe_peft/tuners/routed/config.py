@@ -455,8 +455,7 @@ class MoLEConfig(MoELoraConfig):
         Issue 23 (docs/quality.md, "Defaults after issue 23"): a top-1 router kept at its random initialization, a
         fixed random partition of the hidden states as in hash routing (Roller et al. 2021, "Hash Layers For Large
         Sparse Models"), scored higher and forgot less than one trained at the experts' lr on both quality suites, and
-        varied less across seeds (a learned top-1 router's load drifts under the balance loss: docs/quality.md, item
-        3). Where frozen routers were not measured better (top-k > 1, top1_weight="prob", null experts, top-p, sequence
+        varied less across seeds (the faster a top-1 router learns, the worse: docs/quality.md, item 3). Where frozen routers were not measured better (top-k > 1, top1_weight="prob", null experts, top-p, sequence
         routing) routers train at lr.
         """
         hashed = (

@@ -137,8 +137,7 @@ class MoELoraLinear(nn.Module, BaseTunerLayer):
         if adapter_name not in self.routers:
             self.routers[adapter_name] = build_router(config, router_features or self.in_features)
             self._move_adapter_to_device_of_base_layer(adapter_name)
-            self._declare_frozen_router(adapter_name)
-            self.set_adapter(self.active_adapters)
+            self.set_adapter(self.active_adapters)  # re-applies update_layer's frozen-router declaration
 
     def _declare_frozen_router(self, adapter_name: str) -> None:
         """router_lr_ratio=0: the adapter's router keeps requires_grad=False. PEFT re-applies

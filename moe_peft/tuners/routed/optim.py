@@ -77,7 +77,7 @@ def router_param_groups(
             continue
         adapter, ratio = router_of.get(id(p), ("", 1.0))
         if ratio == 0:
-            continue  # frozen in the forward: no gradient, nothing for an optimizer to hold
+            continue  # frozen (read detached in the forward) even if a caller set requires_grad: nothing to hold
         decay = weight_decay > 0 and (name in decays if decays is not None else p.dim() >= 2)
         group = groups.get((adapter, decay))
         if group is None:
