@@ -21,7 +21,7 @@ import torch
 
 from moe_peft import LoRAMoEConfig, MHRConfig, MoLEConfig, SMoRAConfig
 from moe_peft.bench.quality import Suite, bench_quality
-from moe_peft.bench.quality_methods import TARGETS, Method, method_table
+from moe_peft.bench.quality_methods import TARGETS, Method, _loramoe, method_table
 
 E = 6  # experts: one per fine-tuning task, as in the suite
 COMMON = dict(target_modules=TARGETS, task_type="CAUSAL_LM")
@@ -187,8 +187,27 @@ def study_defaults() -> list[Method]:
     ]
 
 
+def study_init() -> list[Method]:
+    """Issue 23, items 3 and 5: the routers' initialisation (router_init_std; default 0.02) for learned routers: MoLE
+    top-1 at 10x / 0.1x / zero, top-2 and LoRAMoE's dense router at 10x (the suite's rows are by name)."""
+    suite = Suite()
+    table = method_table(len(suite.tasks), len(suite.all_tasks), suite.budget_rank)
+    return [table[name] for name in (
+        "MoLE top-1 block, learned router",
+        "MoLE top-1 block, learned router, init x10",
+        "MoLE top-1 block, learned router, init x0.1",
+    )] + [
+        mole("top-1 block, learned router, zero init", top_k=1, router_init_std=0.0),
+        table["MoLE top-2 block"],
+        table["MoLE top-2 block, init x10"],
+        table["LoRAMoE"],
+        Method("LoRAMoE, router init x10", "moe", _loramoe(E, blc_weight=0.0, router_init_std=0.2)),
+    ]  # fmt: skip
+
+
 STUDIES = {
     "defaults": study_defaults,
+    "init": study_init,
     "routing": study_routing,
     "scaling": study_scaling,
     "top1": study_top1,

@@ -383,6 +383,8 @@ def _run_key(suite: Suite, method: Method, rank: int, lr: float, seed: int) -> s
     # the routers' lr enters under the name it had before the config field existed (a row's router_lr_scale): the
     # runs recorded then still count
     scale = float(cfg.pop("router_lr_ratio", 1.0))  # _stable wrote 0.0 as 0
+    if cfg.get("router_init_std") == 0.02:
+        del cfg["router_init_std"]  # the init every router had before the field existed: its runs still count
     blob = json.dumps(
         {"suite": dataclasses.asdict(suite) | {"seeds": None, "lrs": None, "timing_reps": None}, "kind": method.kind,
          "config": cfg, "lr": lr, "seed": seed, "sample_types": method.sample_types, "task_ids": method.task_ids}

@@ -190,6 +190,26 @@ def method_table(num_experts: int, num_tasks: int, budget_rank: int) -> dict[str
             _mole(e, top_k=2, router_aux_loss_coef=0.1, router_lr_ratio=1.0),
             note="10x the default balance weight",
         ),
+        # issue 23, items 3 and 5: the routers' initialisation (router_init_std, default 0.02). A frozen top-1 router
+        # (the default) routes by argmax, which the scale does not change, so these rows train learned routers
+        Method(
+            "MoLE top-1 block, learned router, init x10",
+            "moe",
+            _mole(e, top_k=1, router_lr_ratio=1.0, router_init_std=0.2),
+            note="router weights N(0, 0.2^2)",
+        ),
+        Method(
+            "MoLE top-1 block, learned router, init x0.1",
+            "moe",
+            _mole(e, top_k=1, router_lr_ratio=1.0, router_init_std=0.002),
+            note="router weights N(0, 0.002^2)",
+        ),
+        Method(
+            "MoLE top-2 block, init x10",
+            "moe",
+            _mole(e, top_k=2, router_lr_ratio=1.0, router_init_std=0.2),
+            note="router weights N(0, 0.2^2)",
+        ),
     ]
     return {m.name: m for m in rows}
 

@@ -89,6 +89,9 @@ REAL_METHODS = (
     "MoLE top-1 block, sequence, router reads layer 15",
     "SMoRA k=r/3",
     "MoLE top-2 block, balance 0.1",
+    "MoLE top-1 block, learned router, init x10",
+    "MoLE top-1 block, learned router, init x0.1",
+    "MoLE top-2 block, init x10",
 )
 # what it runs by default: LoRA, MoLE top-1 / top-2, LoRAMoE with both forms of localized balancing, SMoRA, MHR (told
 # the task), PHATGOOSE, and MoLE at LoRA's active parameters (the budget in docs/quality.md is for these 10 rows)

@@ -82,7 +82,8 @@ def float32_linear(linear: nn.Linear, x: torch.Tensor, frozen: bool = False) -> 
 
 
 def new_router_linear(in_features: int, out_features: int, bias: bool, std: float = 0.02) -> nn.Linear:
-    # small normal init (MixLoRA uses N(0, 0.02^2)): near-uniform routing at the start
+    # small normal init (MixLoRA uses N(0, 0.02^2)): near-uniform routing at the start; std is the config's
+    # router_init_std (0: a zero router, uniform until it learns)
     linear = nn.Linear(in_features, out_features, bias=bias)
     nn.init.normal_(linear.weight, std=std)
     if bias:

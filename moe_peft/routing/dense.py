@@ -9,10 +9,10 @@ from .base import Routing, float32_linear, new_router_linear
 class DenseRouter(nn.Module):
     """LoRAMoE: w = softmax(R x) over every expert (R [E, in], no bias); all experts are active."""
 
-    def __init__(self, in_features: int, num_experts: int):
+    def __init__(self, in_features: int, num_experts: int, init_std: float = 0.02):
         super().__init__()
         self.num_experts = num_experts
-        self.linear = new_router_linear(in_features, num_experts, bias=False)
+        self.linear = new_router_linear(in_features, num_experts, bias=False, std=init_std)
 
     def forward(self, x: torch.Tensor, frozen: bool = False) -> Routing:
         """x [T, in]; frozen: no gradient to the router's weight (`float32_linear`)."""

@@ -14,10 +14,10 @@ class SMoRARouter(Float32Buffers):
 
     float32_buffers = ("selection_bias",)
 
-    def __init__(self, in_features: int, num_ranks: int, top_k: int):
+    def __init__(self, in_features: int, num_ranks: int, top_k: int, init_std: float = 0.02):
         super().__init__()
         self.top_k = top_k
-        self.linear = new_router_linear(in_features, num_ranks, bias=False)
+        self.linear = new_router_linear(in_features, num_ranks, bias=False, std=init_std)
         # saved with the adapter: selection depends on it
         self.register_buffer("selection_bias", torch.zeros(num_ranks))
 

@@ -41,6 +41,7 @@ class TopKRouter(nn.Module):
         top1_weight: str = "straight_through",
         eval_routing: str = "topk",
         group_sizes: tuple[int, ...] | None = None,
+        init_std: float = 0.02,
     ):
         super().__init__()
         self.num_experts = num_experts
@@ -49,8 +50,10 @@ class TopKRouter(nn.Module):
         self.top_p = top_p
         self.top1_weight = top1_weight
         self.eval_routing = eval_routing
-        self.linear = new_router_linear(in_features, num_experts, bias=bias)
-        self.null = new_router_linear(in_features, num_null_experts, bias=False) if num_null_experts else None
+        self.linear = new_router_linear(in_features, num_experts, bias=bias, std=init_std)
+        self.null = (
+            new_router_linear(in_features, num_null_experts, bias=False, std=init_std) if num_null_experts else None
+        )
         self.group_sizes = tuple(group_sizes) if group_sizes else None
         if self.group_sizes is not None:
             if sum(self.group_sizes) != num_experts or num_null_experts:

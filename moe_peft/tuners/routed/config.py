@@ -166,6 +166,13 @@ class MoELoraConfig(ConfigFile):
             resolves to `_default_router_lr_ratio()` for a new config (1.0; 0 for MoLE's plain top-1 token routing),
             and to 1.0 for a saved adapter_config.json without the key (it predates the field, when routers trained
             at lr), on every loading path.
+        router_init_std: the standard deviation of the normal init of the router weights (router biases start at 0):
+            0.02 (default, MixLoRA's N(0, 0.02^2)) starts every router near uniform. The logit scale at init is
+            std * |x|, so it depends on the hidden size and the router input's norm. A frozen top-1 router with the
+            straight-through weight (MoLE top-1's default) picks argmax(W x + 0), which a rescaled W does not change:
+            there the std has no effect; it matters for learned routers, top-k weights, LoRAMoE's softmax and SMoRA's
+            sigmoid. 0 starts every router at zero (uniform; a learned router then starts from ties), and is refused
+            with router_lr_ratio=0, where it would route every token alike for good.
     """
 
     r: int = field(default=8, metadata={"help": "Rank of each LoRA expert."})
@@ -225,6 +232,10 @@ class MoELoraConfig(ConfigFile):
             "MoESFTTrainer and moe-peft train. None: the method's default (1.0; MoLE top-1: 0)."
         },
     )
+    router_init_std: float = field(
+        default=0.02,
+        metadata={"help": "Std of the routers' normal weight init (biases start at 0); 0: zero routers (learned only)."},
+    )
 
     # the PeftType name this config registers as; set by each subclass
     _method = "MOELORA"
@@ -274,6 +285,20 @@ class MoELoraConfig(ConfigFile):
                 ratio,
                 "use a finite number >= 0: the routers' learning rate over the experts' (1: the same, 0.1: ten times "
                 "slower, 0: frozen at their initialization).",
+            )
+        std = self.router_init_std
+        if not (isinstance(std, numbers.Real) and not isinstance(std, bool) and math.isfinite(std) and std >= 0):
+            raise _bad(
+                "router_init_std",
+                std,
+                "use a finite number >= 0: the std of the routers' normal init (default 0.02; 0 starts them at zero).",
+            )
+        if std == 0 and ratio == 0:
+            raise _bad(
+                "router_init_std",
+                std,
+                "zero routers frozen at their init (router_lr_ratio=0) would route every token alike for good; use "
+                "router_init_std > 0 (e.g. 0.02), or train the routers (router_lr_ratio > 0).",
             )
         if not isinstance(self.r, int) or self.r <= 0:
             raise _bad("r", self.r, "the rank of each expert must be a positive integer, e.g. r=8.")

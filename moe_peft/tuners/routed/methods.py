@@ -39,11 +39,12 @@ def build_router(config: MoELoraConfig, in_features: int) -> nn.Module:
             top1_weight=config.top1_weight,
             eval_routing=config.eval_routing,
             group_sizes=config.group_sizes,
+            init_std=config.router_init_std,
         )
     if isinstance(config, LoRAMoEConfig):
-        return DenseRouter(in_features, config.num_experts)
+        return DenseRouter(in_features, config.num_experts, init_std=config.router_init_std)
     if isinstance(config, SMoRAConfig):
-        return SMoRARouter(in_features, config.r, config.top_k)
+        return SMoRARouter(in_features, config.r, config.top_k, init_std=config.router_init_std)
     raise TypeError(f"No router for config type {type(config).__name__}.")
 
 
