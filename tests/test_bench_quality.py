@@ -281,7 +281,9 @@ def test_the_configs_router_lr_ratio_is_in_the_key_and_in_the_optimizer(monkeypa
     learned = q._run_key(q.Suite(), table["MoLE top-1 block, learned router"], 5, 3e-3, 0)
     assert learned not in (key, q._run_key(q.Suite(), plain, 5, 3e-3, 0))
     # router_init_std enters the key only when it is not the init every router had before the field (0.02)
-    keys = {q._run_key(q.Suite(), table[f"MoLE top-1 block, learned router{s}"], 5, 3e-3, 0) for s in ("", ", init x10")}
+    keys = {
+        q._run_key(q.Suite(), table[f"MoLE top-1 block, learned router{s}"], 5, 3e-3, 0) for s in ("", ", init x10")
+    }
     assert len(keys | {q._run_key(q.Suite(), table["MoLE top-1 block, learned router, init x0.1"], 5, 3e-3, 0)}) == 3
     # the runs the real suite recorded (benchmarks/results) keep their keys: a restart skips them. Since issue 23 the
     # default row trains frozen routers, the runs recorded as "frozen router"; the learned ones are their own row

@@ -234,7 +234,9 @@ class MoELoraConfig(ConfigFile):
     )
     router_init_std: float = field(
         default=0.02,
-        metadata={"help": "Std of the routers' normal weight init (biases start at 0); 0: zero routers (learned only)."},
+        metadata={
+            "help": "Std of the routers' normal weight init (biases start at 0); 0: zero routers (learned only)."
+        },
     )
 
     # the PeftType name this config registers as; set by each subclass
