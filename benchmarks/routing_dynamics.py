@@ -9,8 +9,9 @@ Trains one variant exactly as `moe-peft bench quality` trains the row (its cache
 order, its optimizer and schedule, lr 3e-3, expert rank 5 = the suite's fitted rank, torch seed = the seed), and every
 `--every` steps runs a fixed probe batch (16 held-out prompts+answers per fine-tuning task, eval mode, no gradient)
 through the model, hooking every router: per layer, the pick share of each expert over real tokens, dead experts
-(share < 1%), the mean normalized routing entropy (entropy of p / log E), the router logits' std and max |.|, and a
-task x expert matrix (each task's share of tokens per expert). At the end: exact match per task on the suite's 64
+(share < 1%), the share of tokens still routed to their step-0 expert, the mean normalized routing entropy (entropy
+of p / log E), the router logits' std and max |.|, and a task x expert matrix (each task's share of tokens per
+expert). At the end: exact match per task on the suite's 64
 test prompts per task. Writes out/routing_dynamics/<variant>-s<seed>.json and prints a compact trace.
 """
 
@@ -104,6 +105,7 @@ class Recorder:
         from moe_peft.tuners.routed.layer import MoELoraLinear
 
         self.out, self.handles = {}, []
+        self.first_choice = {}  # label -> [N] each probe token's first pick at the first measurement (step 0)
         seen = set()
         for name, m in model.named_modules():
             if isinstance(m, MoELoraLinear):
@@ -146,6 +148,10 @@ def measure(model, rec, batch, n_tasks):
         idx, probs, logits, t = idx[m], probs[m].float(), logits[m].float(), t[m]
         C = probs.shape[-1]
         top = idx  # [N, k]: every slot counts (pick share)
+        # how much of the step-0 partition survives: the share of probe tokens whose first pick is still the one
+        # they got at step 0 (1 for a frozen router; ~1/E for a partition unrelated to the initial one)
+        start = rec.first_choice.setdefault(label, top[:, 0].clone())  # [N]
+        same_as_start = (top[:, 0] == start).float().mean().item()
         load = torch.bincount(top[top >= 0], minlength=C).float() / max(1, int((top >= 0).sum()))
         p = probs / probs.sum(-1, keepdim=True).clamp_min(1e-12)
         ent = -(p * p.clamp_min(1e-12).log()).sum(-1).mean().item() / math.log(C)
@@ -158,6 +164,7 @@ def measure(model, rec, batch, n_tasks):
         res[label] = {
             "load": [round(x, 3) for x in load.tolist()],
             "dead": int((load < 0.01).sum()),
+            "same_as_start": round(same_as_start, 3),
             "entropy": round(ent, 3),
             "logit_std": round(logits.std(-1).mean().item(), 3),
             "logit_absmax": round(logits.abs().max().item(), 3),
@@ -216,7 +223,8 @@ def show(result, tasks):
     for snap in result["trace"]:
         parts = []
         for label, s in snap["layers"].items():
-            parts.append(f"{label}: dead {s['dead']} H {s['entropy']:.2f} std {s['logit_std']:.2f} "
+            kept = f" kept {s['same_as_start']:.2f}" if "same_as_start" in s else ""  # traces recorded before it
+            parts.append(f"{label}: dead {s['dead']}{kept} H {s['entropy']:.2f} std {s['logit_std']:.2f} "
                          f"max {s['logit_absmax']:.1f} load {'/'.join(f'{x:.2f}' for x in s['load'])}")  # fmt: skip
         print(f"  step {snap['step']:4d} loss {snap['loss'] if snap['loss'] is None else round(snap['loss'], 3)}")
         for p in parts:

@@ -92,6 +92,8 @@ REAL_METHODS = (
     "MoLE top-1 block, learned router, init x10",
     "MoLE top-1 block, learned router, init x0.1",
     "MoLE top-2 block, init x10",
+    "MoLE top-1 linear",
+    "MoLE top-1 linear, learned router",
 )
 # what it runs by default: LoRA, MoLE top-1 / top-2, LoRAMoE with both forms of localized balancing, SMoRA, MHR (told
 # the task), PHATGOOSE, and MoLE at LoRA's active parameters (the budget in docs/quality.md is for these 10 rows)
