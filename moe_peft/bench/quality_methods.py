@@ -210,6 +210,17 @@ def method_table(num_experts: int, num_tasks: int, budget_rank: int) -> dict[str
             _mole(e, top_k=2, router_lr_ratio=1.0, router_init_std=0.2),
             note="router weights N(0, 0.2^2)",
         ),
+        # issue 23, item 5: experts against rank (E=4 between the E=2 row and the default E=6) and routers at 10x lr
+        Method(
+            "MoLE top-2 block, E=4", "moe", _mole(4, top_k=2, router_lr_ratio=1.0), note="4 experts of a larger rank"
+        ),
+        Method("MoLE top-1 block, router lr x10", "moe", _mole(e, top_k=1, router_lr_ratio=10.0)),
+        Method(
+            "MoLE top-1 block, sequence, last token",
+            "moe",
+            _mole(e, top_k=1, routing_level="sequence", sequence_pooling="last"),
+            note="each sample routed once from its prompt's last token",
+        ),
     ]
     return {m.name: m for m in rows}
 

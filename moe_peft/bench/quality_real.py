@@ -94,6 +94,9 @@ REAL_METHODS = (
     "MoLE top-2 block, init x10",
     "MoLE top-1 linear",
     "MoLE top-1 linear, learned router",
+    "MoLE top-2 block, E=4",
+    "MoLE top-1 block, router lr x10",
+    "MoLE top-1 block, sequence, last token",
 )
 # what it runs by default: LoRA, MoLE top-1 / top-2, LoRAMoE with both forms of localized balancing, SMoRA, MHR (told
 # the task), PHATGOOSE, and MoLE at LoRA's active parameters (the budget in docs/quality.md is for these 10 rows)
