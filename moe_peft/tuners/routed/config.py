@@ -32,6 +32,11 @@ def _bad(field_name: str, value, fix: str) -> ValueError:
     return ValueError(f"{field_name}={value!r} is invalid: {fix}")
 
 
+def _finite_non_negative(value) -> bool:
+    """A real number >= 0 that is not a bool, NaN or inf (router_lr_ratio, router_init_std)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
 class ConfigFile(PeftConfig):
     """What every moe-peft config does with its `adapter_config.json` (no fields of its own):
 
@@ -279,9 +284,7 @@ class MoELoraConfig(ConfigFile):
         if self.expert_scaling not in EXPERT_SCALINGS:
             raise _bad("expert_scaling", self.expert_scaling, f"use one of {tuple(EXPERT_SCALINGS)}.")
         ratio = self.router_lr_ratio
-        if not (
-            isinstance(ratio, numbers.Real) and not isinstance(ratio, bool) and math.isfinite(ratio) and ratio >= 0
-        ):
+        if not _finite_non_negative(ratio):
             raise _bad(
                 "router_lr_ratio",
                 ratio,
@@ -289,7 +292,7 @@ class MoELoraConfig(ConfigFile):
                 "slower, 0: frozen at their initialization).",
             )
         std = self.router_init_std
-        if not (isinstance(std, numbers.Real) and not isinstance(std, bool) and math.isfinite(std) and std >= 0):
+        if not _finite_non_negative(std):
             raise _bad(
                 "router_init_std",
                 std,
@@ -482,8 +485,9 @@ class MoLEConfig(MoELoraConfig):
         Issue 23 (docs/quality.md, "Defaults after issue 23"): a top-1 router kept at its random initialization, a
         fixed random partition of the hidden states as in hash routing (Roller et al. 2021, "Hash Layers For Large
         Sparse Models"), scored higher and forgot less than one trained at the experts' lr on both quality suites, and
-        varied less across seeds (the faster a top-1 router learns, the worse: docs/quality.md, item 3). Where frozen routers were not measured better (top-k > 1, top1_weight="prob", null experts, top-p, sequence
-        routing) routers train at lr.
+        varied less across seeds (the faster a top-1 router learns, the worse: docs/quality.md, item 3). Where frozen
+        routers were not measured better (top-k > 1, top1_weight="prob", null experts, top-p, sequence routing)
+        routers train at lr.
         """
         hashed = (
             self.top_k == 1
